@@ -1,0 +1,1 @@
+"""The Portico Push services: `gateway` (WebSockets) and `fetcher` (carts from PostgreSQL)."""

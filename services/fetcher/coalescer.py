@@ -1,0 +1,108 @@
+"""Per-session coalescing of fetch work, with bounded concurrency.
+
+Guarantees:
+  * at most one fetch per session runs at a time (so a session's snapshots are read, numbered
+    and published in order by this process);
+  * work submitted while that session's fetch runs is merged into exactly one follow-up fetch,
+    which starts after the running one ends: never zero (the last change always reaches the
+    tabs), never one per trigger;
+  * at most `concurrency` fetches run at once, whatever the burst (bounded DB and Redis use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+GET = "get"  # a tab asked: reply to that socket with its requestId
+JOIN = "join"  # a tab joined the session: send it the cart as a push
+
+
+@dataclass(slots=True)
+class SessionWork:
+    """What one fetch of a session must deliver."""
+
+    session_id: str
+    push_all: bool = False  # a trigger: push to every tab on every owning gateway
+    refresh_gateways: set[str] = field(default_factory=set)  # push to all tabs on these
+    requests: list[tuple[str, int, str]] = field(default_factory=list)  # (gateway, token, GET|JOIN)
+    frames: list[str] = field(default_factory=list)  # routed messages for the tabs, in order
+    received_at: float | None = None  # wall-clock arrival of the oldest trigger merged in
+    attempt: int = 0  # retries after database errors
+
+    def merge(self, other: SessionWork) -> None:
+        self.push_all = self.push_all or other.push_all
+        self.refresh_gateways |= other.refresh_gateways
+        self.requests.extend(other.requests)
+        self.frames.extend(other.frames)
+        if other.received_at is not None:
+            self.received_at = min(self.received_at or other.received_at, other.received_at)
+        self.attempt = max(self.attempt, other.attempt)
+
+
+class WorkCoalescer:
+    def __init__(
+        self,
+        run: Callable[[SessionWork], Awaitable[None]],
+        *,
+        concurrency: int,
+        on_coalesced: Callable[[], None] | None = None,
+    ) -> None:
+        self._run = run
+        self._concurrency = concurrency
+        self._on_coalesced = on_coalesced
+        self._pending: dict[str, SessionWork] = {}  # merged work waiting to run
+        self._running: set[str] = set()
+        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work()) for _ in range(self._concurrency)]
+
+    async def stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
+    def submit(self, work: SessionWork) -> None:
+        sid = work.session_id
+        self._idle.clear()
+        pending = self._pending.get(sid)
+        if pending is not None:
+            pending.merge(work)
+            if self._on_coalesced is not None:
+                self._on_coalesced()
+            return
+        self._pending[sid] = work
+        if sid not in self._running:  # else: queued when the running fetch ends
+            self._ready.put_nowait(sid)
+
+    def busy_sessions(self) -> Iterator[str]:
+        yield from self._running
+        yield from self._pending
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def _work(self) -> None:
+        while True:
+            sid = await self._ready.get()
+            work = self._pending.pop(sid)
+            self._running.add(sid)
+            try:
+                await self._run(work)
+            except Exception:
+                log.exception("fetch work failed")
+            finally:
+                self._running.discard(sid)
+                if sid in self._pending:
+                    self._ready.put_nowait(sid)
+                elif not self._running and not self._pending:
+                    self._idle.set()

@@ -1,0 +1,281 @@
+"""The fetcher process: subscriptions, shard leases, fetch workers and publishing.
+
+Flow: a trigger (or a gateway request) for a session in one of our shards becomes `SessionWork`
+in the coalescer; a worker looks up the owning gateways, takes the next `seq`, reads the cart
+and publishes one envelope per gateway (`deliveries.plan_*`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from shared import codec
+from shared.broker import Subscription, create_client
+from shared.codec import dumps
+from shared.keys import SESSION_MESSAGES_CHANNEL, Keys
+from shared.metrics import FetcherMetrics
+from shared.protocol import is_valid_session_id, mask_session_id, now_iso, session_key, shard_of
+from shared.registry import RedisOwnershipRegistry
+from shared.settings import FetcherSettings
+
+from .coalescer import GET, JOIN, SessionWork, WorkCoalescer
+from .deliveries import CartSnapshot, plan_cart_deliveries, plan_frame_deliveries
+from .shards import ShardLeases
+from .store import CartStore, CartStoreError
+from .triggers import UPDATE_PARTIAL_APPLICATIONS, InvalidInput, parse_session_message
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: seq key. ARGV[1]: ttl ms. Next seq: above the last one and never below the Redis
+# clock in microseconds, so a lost key (Redis restart, expiry) cannot make seq go backwards.
+_NEXT_SEQ = """
+local t = redis.call('TIME')
+local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local nxt = math.max(last + 1, floor)
+redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', ARGV[1])
+return nxt
+"""
+SEQ_TTL_MS = 24 * 3600 * 1000
+DB_ERROR_MESSAGE = "Could not load partial applications; please try again"
+RETRY_DELAYS = (1, 2, 4, 8, 15, 30, 30, 30, 30, 30)  # after database errors, seconds
+
+
+class Fetcher:
+    def __init__(
+        self,
+        settings: FetcherSettings,
+        store: CartStore,
+        *,
+        client: aioredis.Redis | None = None,
+        metrics: FetcherMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.redis.prefix)
+        self.metrics = metrics or FetcherMetrics()
+        self.store = store
+        self.client = client or create_client(
+            settings.redis.url, max_connections=settings.fetch_concurrency * 2 + 8
+        )
+        self.registry = RedisOwnershipRegistry(self.client, self.keys, "", 1)
+        self._next_seq = self.client.register_script(_NEXT_SEQ)
+        self.coalescer = WorkCoalescer(
+            self._run_work,
+            concurrency=settings.fetch_concurrency,
+            on_coalesced=self.metrics.triggers_coalesced.inc,
+        )
+        self.leases = ShardLeases(
+            self.client,
+            self.keys,
+            settings.fetcher_id,
+            shards=settings.shards,
+            ttl_seconds=settings.lease_ttl_seconds,
+            on_gained=self._announce_resync,
+            before_release=self._drain_shards,
+        )
+        self.subscription = Subscription(
+            settings.redis.url,
+            [SESSION_MESSAGES_CHANNEL, self.keys.fetcher_requests_channel],
+            self._on_message,
+            self._on_subscribed,
+            name=f"fetcher {settings.fetcher_id}",
+            on_state=lambda up: self.metrics.redis_subscription_up.set(1 if up else 0),
+        )
+        self.db_ok = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retries: set[asyncio.TimerHandle] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.coalescer.start()
+        self._tasks = [
+            asyncio.create_task(self.subscription.run(), name="subscription"),
+            asyncio.create_task(self.leases.run(), name="leases"),
+            asyncio.create_task(self._watch_database(), name="db-check"),
+        ]
+        log.info("fetcher %s started: %r", self.settings.fetcher_id, self.settings)
+
+    async def stop(self) -> None:
+        """Stop taking work, finish what is in flight (bounded), hand the shards over."""
+        self.subscription.stop()
+        for handle in self._retries:
+            handle.cancel()
+        try:
+            await asyncio.wait_for(self.coalescer.wait_idle(), 10)
+        except TimeoutError:
+            log.warning("fetcher: in-flight work did not finish within 10s")
+        await self.leases.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.coalescer.stop()
+        await self.client.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self.subscription.live and self.db_ok
+
+    async def _watch_database(self) -> None:
+        while True:
+            self.db_ok = await self.store.check()
+            self.metrics.db_up.set(1 if self.db_ok else 0)
+            await asyncio.sleep(5)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    async def _on_subscribed(self) -> None:
+        # Triggers published while we were deaf are lost: have the gateways ask again.
+        held = self.leases.held()
+        if held:
+            await self._announce_resync(held)
+
+    async def _on_message(self, channel: str, data: bytes) -> None:
+        if channel == SESSION_MESSAGES_CHANNEL:
+            self._on_trigger(data)
+        else:
+            self._on_request(data)
+
+    def _serves(self, session_id: str) -> bool:
+        if self.leases.owns(shard_of(session_key(session_id), self.settings.shards)):
+            return True
+        self.metrics.triggers_other_shard.inc()
+        return False
+
+    def _on_trigger(self, data: bytes) -> None:
+        received_at = time.time()
+        try:
+            trigger = parse_session_message(data, self.settings.max_payload_bytes)
+        except InvalidInput as exc:
+            self.metrics.triggers_invalid.labels(exc.reason).inc()
+            log.warning("session_messages: dropped invalid payload (%s)", exc)
+            return
+        if not self._serves(trigger.session_id):
+            return
+        self.metrics.triggers.labels(trigger.type).inc()
+        if trigger.type == UPDATE_PARTIAL_APPLICATIONS:
+            self.coalescer.submit(SessionWork(trigger.session_id, push_all=True, received_at=received_at))
+        else:
+            # Routed through the coalescer too: ordered per session, bounded concurrency.
+            assert trigger.frame is not None
+            self.coalescer.submit(
+                SessionWork(trigger.session_id, frames=[trigger.frame], received_at=received_at)
+            )
+
+    def _on_request(self, data: bytes) -> None:
+        try:
+            request = codec.unpack(data)
+            kind = request["kind"]
+            gateway = request["gateway"]
+            if not isinstance(gateway, str):
+                raise codec.CodecError("gateway is not a string")
+            if kind in (GET, JOIN):
+                sid, token = request["sid"], request["token"]
+                if not is_valid_session_id(sid) or not isinstance(token, int):
+                    raise codec.CodecError("bad sid or token")
+                if self._serves(sid):
+                    self.metrics.requests.labels(kind).inc()
+                    self.coalescer.submit(SessionWork(sid, requests=[(gateway, token, kind)]))
+            elif kind == codec.REFRESH:
+                sids = request["sids"]
+                if not isinstance(sids, list):
+                    raise codec.CodecError("sids is not a list")
+                for sid in sids:
+                    if is_valid_session_id(sid) and self._serves(sid):
+                        self.metrics.requests.labels(kind).inc()
+                        self.coalescer.submit(SessionWork(sid, refresh_gateways={gateway}))
+            else:
+                raise codec.CodecError(f"unknown kind {kind!r}")
+        except (codec.CodecError, KeyError, TypeError) as exc:
+            self.metrics.triggers_invalid.labels("bad_request").inc()
+            log.warning("fetcher requests: dropped invalid envelope (%s)", exc)
+
+    # -- work ------------------------------------------------------------------------------
+
+    async def _run_work(self, work: SessionWork) -> None:
+        key = session_key(work.session_id)
+        owners = await self.registry.owners(key) if work.push_all or work.frames else []
+        if work.frames:
+            if not owners:
+                self.metrics.triggers_unheld.inc(len(work.frames))
+            for frame in work.frames:
+                await self._publish(plan_frame_deliveries(key, owners, frame, work.received_at), "frame")
+        if not work.push_all and not work.refresh_gateways and not work.requests:
+            return
+        if not owners and not work.refresh_gateways and not work.requests:
+            self.metrics.triggers_unheld.inc()
+            return  # no socket anywhere: nothing to read
+        seq = int(await self._next_seq(keys=[self.keys.session_seq(key)], args=[SEQ_TTL_MS]))
+        snapshot = await self._read_snapshot(work.session_id, seq)
+        envelopes = plan_cart_deliveries(work, key, owners, snapshot)
+        await self._publish(envelopes, "cart")
+        if snapshot.error is not None and (work.push_all or work.refresh_gateways):
+            self._schedule_retry(work)
+
+    async def _read_snapshot(self, session_id: str, seq: int) -> CartSnapshot:
+        started = time.perf_counter()
+        try:
+            applications = await self.store.fetch_cart(session_id)
+        except CartStoreError as exc:
+            self.metrics.db_errors.inc()
+            log.warning("cart of %s: database error (%s)", mask_session_id(session_id), exc)
+            return CartSnapshot(seq, now_iso(), None, error=DB_ERROR_MESSAGE)
+        finally:
+            self.metrics.fetch_duration.observe(time.perf_counter() - started)
+        return CartSnapshot(seq, now_iso(), dumps(applications), count=len(applications))
+
+    def _schedule_retry(self, work: SessionWork) -> None:
+        """The tabs were shown an error: fetch again until the database answers, so they
+        converge to the real cart without waiting for the next change."""
+        if work.attempt >= len(RETRY_DELAYS):
+            log.warning("cart of %s: giving up after %d retries", mask_session_id(work.session_id), work.attempt)
+            return
+        retry = SessionWork(
+            work.session_id,
+            push_all=work.push_all,
+            refresh_gateways=set(work.refresh_gateways),
+            attempt=work.attempt + 1,
+        )
+        delay = RETRY_DELAYS[work.attempt] * random.uniform(0.8, 1.2)
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._retries.discard(handle)
+            self.coalescer.submit(retry)
+
+        handle = loop.call_later(delay, fire)
+        self._retries.add(handle)
+
+    async def _publish(self, envelopes: dict[str, dict[str, Any]], kind: str) -> None:
+        if not envelopes:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for gateway, envelope in envelopes.items():
+                pipe.publish(self.keys.gateway_channel(gateway), codec.pack(envelope))
+            await pipe.execute()
+        self.metrics.deliveries_published.labels(kind).inc(len(envelopes))
+
+    # -- shard hand-over -------------------------------------------------------------------
+
+    async def _announce_resync(self, shards: list[int]) -> None:
+        envelope = {"kind": codec.RESYNC, "shards": shards, "of": self.settings.shards}
+        await self.client.publish(self.keys.gateways_channel, codec.pack(envelope))
+
+    async def _drain_shards(self, shards: list[int]) -> None:
+        """Before a lease is freed: let running fetches of those shards publish (bounded)."""
+        released = set(shards)
+        deadline = time.monotonic() + self.settings.lease_ttl_seconds / 2
+        while time.monotonic() < deadline:
+            busy = [
+                sid for sid in self.coalescer.busy_sessions()
+                if shard_of(session_key(sid), self.settings.shards) in released
+            ]
+            if not busy:
+                return
+            await asyncio.sleep(0.05)

@@ -1,0 +1,176 @@
+"""Shard leases: how fetcher replicas split the sessions between them instead of racing.
+
+Every replica receives every `session_messages` trigger (pub/sub fans out) and every gateway
+request; it serves only sessions whose shard (`shard_of(session_key)`) it holds a lease on. So in
+steady state each trigger is fetched exactly once, by one process that also serialises that
+session's fetches (ordered `seq`).
+
+Membership: each replica heartbeats into the `fetchers` ZSET; its fair share is
+ceil(shards / live replicas). A replica over its share releases the surplus; one under it
+claims free shards (SET NX PX). Leases expire `ttl` after the holder's last renewal, so a dead
+replica's shards become free within `ttl`.
+
+Hand-over gap: between a release (or a death) and the next claim nobody serves that shard, and
+triggers in that window are lost. The claimer therefore announces the shards it gained; gateways
+answer with a refresh for every session of theirs in those shards. A duplicate push is possible
+around a hand-over, a lost final state is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: fetchers zset. ARGV: id, ttl ms. Heartbeat, prune the dead, count the live.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 10)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: lease keys. ARGV: id, ttl ms. Renews those still ours; returns their 1-based positions.
+_RENEW = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    table.insert(held, i)
+  end
+end
+return held
+"""
+
+# KEYS: lease keys. ARGV: id. Deletes those still ours.
+_RELEASE = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key); n = n + 1 end
+end
+return n
+"""
+
+ShardsHandler = Callable[[list[int]], Awaitable[None]]
+
+
+class ShardLeases:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        fetcher_id: str,
+        *,
+        shards: int,
+        ttl_seconds: float,
+        on_gained: ShardsHandler,
+        before_release: ShardsHandler,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._id = fetcher_id
+        self.shards = shards
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self._ttl = ttl_seconds
+        self._on_gained = on_gained
+        self._before_release = before_release
+        self._held: set[int] = set()
+        self._valid_until = 0.0  # monotonic; leases are trusted locally until then
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        # Rendezvous order: each replica prefers different shards, so claims rarely collide.
+        self._preference = sorted(
+            range(shards), key=lambda n: hashlib.sha256(f"{fetcher_id}:{n}".encode()).digest()
+        )
+        self._stopping = asyncio.Event()
+
+    @property
+    def interval(self) -> float:
+        return self._ttl / 3
+
+    def owns(self, shard: int) -> bool:
+        return shard in self._held and time.monotonic() < self._valid_until
+
+    def held(self) -> list[int]:
+        return sorted(self._held) if time.monotonic() < self._valid_until else []
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.tick()
+            except Exception as exc:
+                log.warning("shard leases: tick failed (%s: %s)", exc.__class__.__name__, exc)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        started = time.monotonic()
+        live = int(await self._heartbeat(keys=[self._keys.fetchers], args=[self._id, self._ttl_ms]))
+        ordered = sorted(self._held)
+        if ordered:
+            kept = await self._renew(
+                keys=[self._keys.shard_lease(n) for n in ordered], args=[self._id, self._ttl_ms]
+            )
+            still = {ordered[int(i) - 1] for i in kept}
+            lost = self._held - still
+            if lost:
+                log.warning("shard leases: lost %d shard(s) to expiry", len(lost))
+            self._held = still
+        # Trust the leases until slightly before they can expire in Redis.
+        self._valid_until = started + self._ttl * 0.8
+
+        fair = math.ceil(self.shards / max(live, 1))
+        if len(self._held) > fair:
+            surplus = [n for n in reversed(self._preference) if n in self._held][: len(self._held) - fair]
+            await self.release(surplus)
+        elif len(self._held) < fair:
+            await self._claim(fair - len(self._held))
+
+    async def _claim(self, wanted: int) -> None:
+        candidates = [n for n in self._preference if n not in self._held]
+        values = await self._client.mget([self._keys.shard_lease(n) for n in candidates])
+        free = [n for n, v in zip(candidates, values, strict=True) if v is None][:wanted]
+        if not free:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for n in free:
+                pipe.set(self._keys.shard_lease(n), self._id, nx=True, px=self._ttl_ms)
+            results = await pipe.execute()
+        gained = [n for n, ok in zip(free, results, strict=True) if ok]
+        if gained:
+            self._held.update(gained)
+            log.info("shard leases: gained %d shard(s), now %d", len(gained), len(self._held))
+            await self._on_gained(sorted(gained))
+
+    async def release(self, shards: list[int]) -> None:
+        """Stop serving `shards`, let in-flight work finish, then free the leases."""
+        if not shards:
+            return
+        self._held.difference_update(shards)
+        await self._before_release(shards)
+        await self._release(keys=[self._keys.shard_lease(n) for n in shards], args=[self._id])
+        log.info("shard leases: released %d shard(s), now %d", len(shards), len(self._held))
+
+    async def stop(self) -> None:
+        """Leave the group: free every lease so the others take over at once."""
+        self._stopping.set()
+        held = sorted(self._held)
+        try:
+            await self.release(held)
+            await self._client.zrem(self._keys.fetchers, self._id)
+        except Exception as exc:
+            log.warning("shard leases: could not release on stop (%s)", exc)

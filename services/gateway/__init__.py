@@ -1,0 +1,1 @@
+"""The gateway: holds browser WebSockets, registers their sessions, delivers what Redis routes."""

@@ -1,0 +1,484 @@
+"""The gateway process: WebSocket endpoint, session ownership, deliveries from Redis.
+
+Per socket: a receive loop feeding `ConnectionProtocol`, and a writer task draining a bounded
+`Outbox`. Per process: one subscription (own channel + the all-gateways channel), an ownership
+refresh loop, the application-level `server_ping`, and a sweep of unanswered cart requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from shared import codec
+from shared.broker import Subscription, create_client
+from shared.health import health_routes
+from shared.keys import Keys
+from shared.metrics import GatewayMetrics
+from shared.protocol import CloseCode, mask_session_id, session_key, shard_of
+from shared.registry import RedisOwnershipRegistry
+from shared.settings import GatewaySettings
+
+from .connection import (
+    Close,
+    ConnectionProtocol,
+    JoinSession,
+    Limits,
+    RelayToSession,
+    RequestCart,
+    Send,
+    is_origin_allowed,
+    joined_messages,
+    session_from_cookie,
+)
+from .frames import render_cart, stamp
+from .outbox import Frame, Outbox
+
+log = logging.getLogger(__name__)
+
+REFRESH_BATCH = 500  # session ids per refresh request envelope
+JOIN_ATTEMPTS = 3  # a join-time cart request is re-sent this often before giving up
+TIMEOUT_MESSAGE = "Timed out waiting for the cart; please try again"
+
+
+class Client:
+    """One open socket."""
+
+    __slots__ = ("cart_seq", "id", "key", "outbox", "protocol", "ws", "writer")
+
+    def __init__(self, client_id: int, ws: WebSocket, protocol: ConnectionProtocol, outbox: Outbox):
+        self.id = client_id
+        self.ws = ws
+        self.protocol = protocol
+        self.outbox = outbox
+        self.key: str | None = None  # session key of the room it is in
+        self.cart_seq = 0  # seq of the newest cart sent: older ones are never sent after it
+        self.writer: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    client: Client
+    kind: str  # codec.GET or codec.JOIN
+    request_id: Any
+    has_request_id: bool
+    deadline: float
+    attempts: int = 1
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, *, metrics: GatewayMetrics | None = None) -> None:
+        self.settings = settings
+        self.id = settings.gateway_id
+        self.keys = Keys(settings.redis.prefix)
+        self.metrics = metrics or GatewayMetrics()
+        self.client = create_client(settings.redis.url)
+        self.registry = RedisOwnershipRegistry(
+            self.client, self.keys, self.id, settings.ownership_ttl_seconds
+        )
+        self.subscription = Subscription(
+            settings.redis.url,
+            [self.keys.gateway_channel(self.id), self.keys.gateways_channel],
+            self._on_delivery,
+            self._on_subscribed,
+            name=f"gateway {self.id}",
+            on_state=lambda up: self.metrics.redis_subscription_up.set(1 if up else 0),
+        )
+        self.limits = Limits(settings.bad_message_burst, settings.bad_message_refill_per_second)
+        self.clients: dict[int, Client] = {}
+        self.sessions: dict[str, set[Client]] = {}  # session key -> its sockets here
+        self.session_ids: dict[str, str] = {}  # session key -> session id (for refreshes)
+        self.pending: dict[int, PendingRequest] = {}
+        self.draining = False
+        self._ids = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.subscription.run(), name="subscription"),
+            asyncio.create_task(self._refresh_ownership(), name="ownership"),
+            asyncio.create_task(self._send_server_pings(), name="server-ping"),
+            asyncio.create_task(self._sweep_requests(), name="request-sweep"),
+        ]
+        log.info("gateway %s started: %r", self.id, self.settings)
+
+    async def stop(self) -> None:
+        self.draining = True
+        for client in list(self.clients.values()):
+            self._send(client, {"type": "reconnect_required", "message": "Server restarting",
+                                "retryAfterMs": random.randint(500, 3000)})
+            client.outbox.close_after_flush(CloseCode.GOING_AWAY, "server shutting down")
+        writers = [c.writer for c in self.clients.values() if c.writer is not None]
+        if writers:
+            await asyncio.wait(writers, timeout=5)
+        try:
+            await self.registry.release(list(self.sessions))
+        except RedisError as exc:
+            log.warning("could not release sessions on stop (%s); they expire by TTL", exc)
+        self.subscription.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self.subscription.live and not self.draining
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    async def serve(self, ws: WebSocket) -> None:
+        origin, host = ws.headers.get("origin"), ws.headers.get("host")
+        if not is_origin_allowed(origin, host, self.settings.allowed_origins):
+            self.metrics.handshakes_rejected.labels("origin").inc()
+            log.warning("refused handshake from origin %r (host %r)", origin, host)
+            await ws.close(code=CloseCode.POLICY_VIOLATION)  # before accept: HTTP 403
+            return
+        if self.draining:
+            self.metrics.handshakes_rejected.labels("draining").inc()
+            await ws.close(code=CloseCode.TRY_AGAIN_LATER)
+            return
+        await ws.accept()
+        client = Client(
+            next(self._ids),
+            ws,
+            ConnectionProtocol(self.limits),
+            Outbox(self.settings.outbox_frames),
+        )
+        self.clients[client.id] = client
+        self.metrics.connections.inc()
+        client.writer = asyncio.create_task(self._write(client))
+        try:
+            sid, invalid = session_from_cookie(ws.headers.get("cookie"), self.settings.cookie_names)
+            await self._apply(client, client.protocol.on_open(sid, invalid))
+            while not client.protocol.closed:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is not None:
+                    self.metrics.messages_received.labels("text").inc()
+                    actions = client.protocol.on_text(text)
+                else:
+                    self.metrics.messages_received.labels("binary").inc()
+                    actions = client.protocol.on_binary()
+                await self._apply(client, actions)
+            if client.writer is not None and client.protocol.closed:
+                await asyncio.wait([client.writer], timeout=2)  # flush the last error, close
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            log.exception("socket %d: unexpected error; closing it", client.id)
+            client.outbox.close_after_flush(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            await self._detach(client)
+
+    async def _write(self, client: Client) -> None:
+        try:
+            while True:
+                frame = await client.outbox.get()
+                if frame is None:
+                    break
+                await client.ws.send_text(frame.text)
+                self.metrics.messages_sent.labels(frame.kind).inc()
+                self.metrics.bytes_sent.inc(len(frame.text.encode()))
+                if frame.received_at is not None:
+                    self.metrics.push_latency.observe(max(0.0, time.time() - frame.received_at))
+            if client.outbox.close_code is not None:
+                await client.ws.close(client.outbox.close_code, client.outbox.close_reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer went away mid-write
+            self.metrics.send_failures.inc()
+            log.debug("socket %d: write failed (%s)", client.id, exc)
+
+    async def _detach(self, client: Client) -> None:
+        self.clients.pop(client.id, None)
+        self.metrics.connections.dec()
+        client.protocol.closed = True
+        if client.writer is not None and not client.writer.done():
+            client.writer.cancel()
+        await self._leave_session(client)
+
+    def _send(self, client: Client, message: dict[str, Any]) -> None:
+        kind = str(message.get("type"))
+        if kind == "error":
+            self.metrics.client_errors.labels(str(message.get("code"))).inc()
+        self._enqueue(client, Frame(stamp(message), kind))
+
+    def _enqueue(self, client: Client, frame: Frame) -> None:
+        result = client.outbox.put(frame)
+        if result is None:
+            self.metrics.slow_consumers.labels("cart_replaced").inc()
+        elif result is False:
+            self.metrics.slow_consumers.labels("closed").inc()
+            log.warning("socket %d: outbox full, closing slow consumer", client.id)
+            client.protocol.closed = True
+            if client.writer is not None:
+                client.writer.cancel()
+            asyncio.get_running_loop().create_task(self._close_quietly(client, CloseCode.TRY_AGAIN_LATER))
+
+    async def _close_quietly(self, client: Client, code: int) -> None:
+        try:
+            await asyncio.wait_for(client.ws.close(code, "slow consumer"), 2)
+        except Exception:
+            pass
+
+    async def _apply(self, client: Client, actions: Iterable[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._send(client, action.message)
+            elif isinstance(action, JoinSession):
+                await self._join_session(client, action)
+            elif isinstance(action, RequestCart):
+                await self._request_cart(client, codec.GET, action.request_id, action.has_request_id)
+            elif isinstance(action, RelayToSession):
+                await self._relay(client, action.message)
+            elif isinstance(action, Close):
+                client.outbox.close_after_flush(action.code, action.reason)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    async def _join_session(self, client: Client, action: JoinSession) -> None:
+        key = session_key(action.session_id)
+        if client.key != key:
+            await self._leave_session(client)
+            client.key = key
+            client.cart_seq = 0
+            members = self.sessions.setdefault(key, set())
+            members.add(client)
+            self.session_ids[key] = action.session_id
+            if len(members) == 1:
+                self.metrics.sessions_held.set(len(self.sessions))
+                await self._claim([key])
+        for message in joined_messages(action, len(self.sessions[key])):
+            self._send(client, message)
+        # Claimed before asking: a change after this point is pushed, one before is in the reply.
+        await self._request_cart(client, codec.JOIN, None, False)
+
+    async def _leave_session(self, client: Client) -> None:
+        key = client.key
+        if key is None:
+            return
+        client.key = None
+        members = self.sessions.get(key)
+        if members is None:
+            return
+        members.discard(client)
+        if members:
+            return
+        del self.sessions[key]
+        self.session_ids.pop(key, None)
+        self.metrics.sessions_held.set(len(self.sessions))
+        try:
+            await self.registry.release([key])
+        except RedisError as exc:
+            log.warning("release failed (%s); the lease expires by TTL", exc)
+        if key in self.sessions:  # a tab of it joined while the release was in flight
+            await self._claim([key])
+
+    async def _claim(self, keys: list[str]) -> None:
+        try:
+            await self.registry.claim(keys)
+        except RedisError as exc:
+            log.warning("claim of %d session(s) failed (%s); retried by the refresh loop", len(keys), exc)
+
+    async def _refresh_ownership(self) -> None:
+        interval = self.settings.ownership_ttl_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            if self.sessions:
+                await self._claim(list(self.sessions))
+
+    # -- requests to the fetchers ----------------------------------------------------------
+
+    async def _request_cart(self, client: Client, kind: str, request_id: Any, has_request_id: bool) -> None:
+        token = next(self._tokens)
+        self.pending[token] = PendingRequest(
+            client, kind, request_id, has_request_id,
+            deadline=time.monotonic() + self.settings.request_timeout_seconds,
+        )
+        await self._publish_request(kind, client, token)
+
+    async def _publish_request(self, kind: str, client: Client, token: int) -> None:
+        sid = self.session_ids.get(client.key or "")
+        if sid is None:
+            return
+        envelope = {"kind": kind, "gateway": self.id, "sid": sid, "token": token}
+        try:
+            await self.client.publish(self.keys.fetcher_requests_channel, codec.pack(envelope))
+        except RedisError as exc:
+            log.warning("cart request for %s not sent (%s)", mask_session_id(sid), exc)
+
+    async def _request_refresh(self, session_ids: list[str]) -> None:
+        for start in range(0, len(session_ids), REFRESH_BATCH):
+            envelope = {"kind": codec.REFRESH, "gateway": self.id, "sids": session_ids[start : start + REFRESH_BATCH]}
+            await self.client.publish(self.keys.fetcher_requests_channel, codec.pack(envelope))
+
+    async def _sweep_requests(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for token, pending in list(self.pending.items()):
+                if pending.deadline > now:
+                    continue
+                client = pending.client
+                if client.protocol.closed:
+                    del self.pending[token]
+                elif pending.kind == codec.JOIN and pending.attempts < JOIN_ATTEMPTS:
+                    pending.attempts += 1
+                    pending.deadline = now + self.settings.request_timeout_seconds
+                    await self._publish_request(codec.JOIN, client, token)
+                else:
+                    del self.pending[token]
+                    self.metrics.requests_timed_out.inc()
+                    if pending.kind == codec.GET:
+                        reply: dict[str, Any] = {
+                            "type": "partial_applications_response",
+                            "data": {"error": True, "status": "error", "message": TIMEOUT_MESSAGE},
+                        }
+                        if pending.has_request_id:
+                            reply["requestId"] = pending.request_id
+                        self._send(client, reply)
+
+    # -- a tab's session_message -----------------------------------------------------------
+
+    async def _relay(self, sender: Client, message: dict[str, Any]) -> None:
+        key = sender.key
+        if key is None:
+            return
+        text = stamp(message)
+        for other in self.sessions.get(key, ()):
+            if other is not sender:
+                self._enqueue(other, Frame(text, "room_message"))
+        try:
+            owners = await self.registry.owners(key)
+            envelope = codec.pack({"kind": codec.FRAME, "key": key, "frame": text, "received_at": None})
+            for gateway in owners:
+                if gateway != self.id:
+                    await self.client.publish(self.keys.gateway_channel(gateway), envelope)
+        except RedisError as exc:
+            log.warning("session_message not relayed to other gateways (%s)", exc)
+
+    # -- deliveries from Redis -------------------------------------------------------------
+
+    async def _on_subscribed(self) -> None:
+        # Deaf until now: re-register what we hold (Redis may have restarted empty) and ask
+        # for fresh carts of every session here.
+        if self.sessions:
+            await self.registry.claim(list(self.sessions))
+            await self._request_refresh(list(self.session_ids.values()))
+
+    async def _on_delivery(self, channel: str, data: bytes) -> None:
+        try:
+            envelope = codec.unpack(data)
+            kind = envelope["kind"]
+            if kind == codec.CART:
+                self._deliver_cart(envelope)
+            elif kind == codec.FRAME:
+                self._deliver_frame(envelope)
+            elif kind == codec.RESYNC:
+                await self._resync(envelope)
+            else:
+                raise codec.CodecError(f"unknown kind {kind!r}")
+        except (codec.CodecError, KeyError, TypeError, ValueError) as exc:
+            self.metrics.deliveries_invalid.inc()
+            log.warning("dropped invalid envelope on %s (%s)", channel, exc)
+
+    def _deliver_cart(self, cart: dict[str, Any]) -> None:
+        key, seq = cart["key"], int(cart["seq"])
+        received_at = cart.get("received_at")
+        push_text: str | None = None
+
+        def push_frame() -> Frame:
+            nonlocal push_text
+            if push_text is None:
+                push_text = render_cart(cart, push=True)  # once per push, not per socket
+            return Frame(push_text, "partial_applications_response", cart=True, received_at=received_at)
+
+        if cart["all"]:
+            for client in self.sessions.get(key, ()):
+                if seq > client.cart_seq:
+                    client.cart_seq = seq
+                    self._enqueue(client, push_frame())
+                else:
+                    self.metrics.stale_carts_dropped.inc()
+        for token, _kind in cart["tokens"]:
+            pending = self.pending.pop(token, None)
+            if pending is None:
+                continue  # answered already, or timed out
+            client = pending.client
+            if client.protocol.closed or client.key != key:
+                continue  # gone, or moved to another session since asking
+            if pending.kind == codec.JOIN:
+                if seq > client.cart_seq:
+                    client.cart_seq = seq
+                    self._enqueue(client, push_frame())
+            else:
+                client.cart_seq = max(client.cart_seq, seq)
+                text = render_cart(cart, push=False, request_id=pending.request_id,
+                                   has_request_id=pending.has_request_id)
+                self._enqueue(client, Frame(text, "partial_applications_response"))
+
+    def _deliver_frame(self, envelope: dict[str, Any]) -> None:
+        text = envelope["frame"]
+        if not isinstance(text, str):
+            raise codec.CodecError("frame is not text")
+        frame = Frame(text, "routed", received_at=envelope.get("received_at"))
+        for client in self.sessions.get(envelope["key"], ()):
+            self._enqueue(client, frame)
+
+    async def _resync(self, envelope: dict[str, Any]) -> None:
+        shards, of = set(envelope["shards"]), int(envelope["of"])
+        sids = [sid for key, sid in self.session_ids.items() if shard_of(key, of) in shards]
+        if sids:
+            await self._request_refresh(sids)
+
+    async def _send_server_pings(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.server_ping_interval_seconds)
+            text = stamp({"type": "server_ping", "id": f"ping_{uuid.uuid4().hex[:16]}"})
+            frame = Frame(text, "server_ping")
+            for client in list(self.clients.values()):
+                self._enqueue(client, frame)
+
+
+def create_app(settings: GatewaySettings) -> Starlette:
+    gateway = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    def ready() -> dict[str, bool]:
+        return {"redis_subscription": gateway.subscription.live, "not_draining": not gateway.draining}
+
+    routes = [
+        WebSocketRoute("/wss", gateway.serve),
+        WebSocketRoute("/wss/", gateway.serve),
+        WebSocketRoute("/", gateway.serve),
+        *health_routes(ready, gateway.metrics.registry),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,341 @@
+"""One socket's protocol, without I/O: frames in -> actions out (PROTOCOL.md §2-§4).
+
+`ConnectionProtocol` decides; the driver in `app.py` only moves bytes and carries out the
+actions (send a frame, join a session, ask a fetcher for the cart, relay to the other tabs,
+close). Tests drive it directly: no server, no sleeps (the clock is injected).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from shared.protocol import (
+    CloseCode,
+    ErrorCode,
+    error_message,
+    is_valid_session_id,
+    mask_session_id,
+    session_room_id,
+)
+
+_INT_LIKE = re.compile(r"-?\d{1,18}")
+NO_SESSION_MESSAGE: Final = "No session found"
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class JoinSession:
+    """Leave the current session room (if any), join `session_id`'s, then send `replies`
+    (built by the driver, which knows the room size) and ask for the cart as a push."""
+
+    session_id: str
+    via_cookie: bool
+    action: str = "set"  # set / updated / none (update_session only)
+    was_required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCart:
+    request_id: Any  # echoed as top-level requestId; None when the client sent none
+    has_request_id: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RelayToSession:
+    """A tab's session_message for the other tabs of its session, on every gateway."""
+
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+Action = Send | JoinSession | RequestCart | RelayToSession | Close
+
+
+# -- pure helpers --------------------------------------------------------------------------
+
+
+def session_from_cookie(header: str | None, names: tuple[str, ...]) -> tuple[str | None, bool]:
+    """The session id from a Cookie header, by cookie-name preference.
+
+    Returns (session_id, invalid): a cookie that is present but not a valid PHP session id gives
+    (None, True).
+    """
+    if not header:
+        return None, False
+    cookies: dict[str, str] = {}
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name and name not in cookies:
+            cookies[name] = value.strip().strip('"')
+    for name in names:
+        if name in cookies:
+            value = cookies[name]
+            return (value, False) if is_valid_session_id(value) else (None, True)
+    return None, False
+
+
+def is_origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Cross-site WebSocket hijacking guard (PROTOCOL.md §2).
+
+    No Origin header (not a browser): allowed. `allowed` empty: same origin only (the Origin's
+    host[:port] equals the Host header). Otherwise an exact origin from the list, or `*`.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if allowed:
+        return "*" in allowed or origin in {a.lower() for a in allowed}
+    if not host:
+        return False
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:
+        return False
+    return netloc != "" and netloc == host.strip().lower()
+
+
+class TokenBucket:
+    """Allows `burst` bad messages at once, refilled at `rate` per second."""
+
+    def __init__(self, burst: int, rate: float, clock: Callable[[], float]) -> None:
+        self._burst = float(burst)
+        self._rate = rate
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    bad_message_burst: int = 10
+    bad_message_refill_per_second: float = 0.2
+
+
+# -- the protocol --------------------------------------------------------------------------
+
+
+@dataclass
+class ConnectionProtocol:
+    limits: Limits = field(default_factory=Limits)
+    clock: Callable[[], float] = time.monotonic
+    session_id: str | None = None
+    user_id: int | None = None
+    session_required: bool = False  # connected without a session cookie
+    closed: bool = False
+    _bad: TokenBucket = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._bad = TokenBucket(
+            self.limits.bad_message_burst, self.limits.bad_message_refill_per_second, self.clock
+        )
+
+    @property
+    def room_id(self) -> str | None:
+        return session_room_id(self.session_id) if self.session_id else None
+
+    def on_open(self, cookie_session: str | None, cookie_invalid: bool = False) -> list[Action]:
+        actions: list[Action] = []
+        if cookie_invalid:
+            actions.append(
+                Send(error_message(ErrorCode.INVALID_SESSION_ID, "The session cookie is not a valid session id"))
+            )
+        if cookie_session is not None:
+            self.session_id = cookie_session
+            actions.append(JoinSession(cookie_session, via_cookie=True))
+            return actions
+        self.session_required = True
+        actions.append(
+            Send(
+                {
+                    "type": "session_id_required",
+                    "message": "No session cookie; send update_session with your sessionId",
+                    "code": ErrorCode.NO_SESSION,
+                }
+            )
+        )
+        return actions
+
+    def on_binary(self) -> list[Action]:
+        return self._close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+
+    def on_text(self, text: str) -> list[Action]:
+        if self.closed:
+            return []
+        try:
+            message = json.loads(text)
+        except (ValueError, RecursionError):
+            return self._bad_message(ErrorCode.INVALID_JSON, "Message is not valid JSON")
+        if not isinstance(message, dict):
+            return self._bad_message(ErrorCode.INVALID_JSON, "Message must be a JSON object")
+        kind = message.get("type")
+        handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            shown = kind if isinstance(kind, str) else None
+            return self._bad_message(
+                ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+                f"Message type {shown[:40]!r} is not supported" if shown else "Message has no type",
+            )
+        return handler(self, message)
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def _on_ping(self, message: dict[str, Any]) -> list[Action]:
+        ping_id = message.get("id")
+        return [
+            Send(
+                {
+                    "type": "pong",
+                    "id": f"pong_{uuid.uuid4().hex[:12]}",
+                    "reply_to": ping_id if isinstance(ping_id, str | int | float) else None,
+                }
+            )
+        ]
+
+    def _on_silent(self, message: dict[str, Any]) -> list[Action]:
+        return []
+
+    def _on_update_session(self, message: dict[str, Any]) -> list[Action]:
+        new = message.get("sessionId")
+        if not is_valid_session_id(new):
+            return self._bad_message(
+                ErrorCode.INVALID_SESSION_ID,
+                "sessionId must be 1-128 characters of A-Z, a-z, 0-9, ',' and '-'",
+            )
+        assert isinstance(new, str)
+        previous = self.session_id
+        action = "set" if previous is None else ("none" if previous == new else "updated")
+        was_required = self.session_required
+        self.session_id = new
+        self.session_required = False
+        return [JoinSession(new, via_cookie=False, action=action, was_required=was_required)]
+
+    def _on_update_user_info(self, message: dict[str, Any]) -> list[Action]:
+        user_id = message.get("userId")
+        if isinstance(user_id, str) and _INT_LIKE.fullmatch(user_id.strip()):
+            user_id = int(user_id)
+        if not isinstance(user_id, int) or isinstance(user_id, bool):
+            return self._bad_message(ErrorCode.INVALID_MESSAGE, "userId must be an integer")
+        self.user_id = user_id
+        return [
+            Send(
+                {
+                    "type": "user_info_update_confirmation",
+                    "success": True,
+                    "message": "User info updated",
+                    "userId": user_id,
+                }
+            )
+        ]
+
+    def _on_get_partial_applications(self, message: dict[str, Any]) -> list[Action]:
+        has_request_id = "requestId" in message
+        request_id = message.get("requestId")
+        if has_request_id and (
+            isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None)
+        ):
+            return self._bad_message(ErrorCode.INVALID_MESSAGE, "requestId must be a string or a number")
+        if self.session_id is None:
+            reply: dict[str, Any] = {
+                "type": "partial_applications_response",
+                "data": {"error": True, "status": "error", "message": NO_SESSION_MESSAGE},
+            }
+            if has_request_id:
+                reply["requestId"] = request_id
+            return [Send(reply)]
+        return [RequestCart(request_id, has_request_id)]
+
+    def _on_session_message(self, message: dict[str, Any]) -> list[Action]:
+        if self.session_id is None:
+            return self._bad_message(ErrorCode.NO_SESSION, "Join a session before sending session messages")
+        relayed = {**message, "type": "room_message", "roomId": self.room_id}
+        return [RelayToSession(relayed)]
+
+    # -- trouble ---------------------------------------------------------------------------
+
+    def _bad_message(self, code: str, text: str) -> list[Action]:
+        if self._bad.take():
+            return [Send(error_message(code, text))]
+        return [
+            Send(error_message(ErrorCode.RATE_LIMITED, "Too many invalid messages; closing")),
+            *self._close(CloseCode.POLICY_VIOLATION, "too many invalid messages"),
+        ]
+
+    def _close(self, code: int, reason: str) -> list[Action]:
+        self.closed = True
+        return [Close(code, reason)]
+
+
+_HANDLERS: dict[str, Callable[[ConnectionProtocol, dict[str, Any]], list[Action]]] = {
+    "ping": ConnectionProtocol._on_ping,
+    "pong": ConnectionProtocol._on_silent,
+    "room_ping_response": ConnectionProtocol._on_silent,
+    "update_session": ConnectionProtocol._on_update_session,
+    "update_user_info": ConnectionProtocol._on_update_user_info,
+    "get_partial_applications": ConnectionProtocol._on_get_partial_applications,
+    "session_message": ConnectionProtocol._on_session_message,
+}
+
+
+# -- frames the driver builds once it knows the room size -------------------------------------
+
+
+def joined_messages(action: JoinSession, room_size: int) -> list[dict[str, Any]]:
+    room = session_room_id(action.session_id)
+    if action.via_cookie:
+        return [
+            {
+                "type": "connection_success",
+                "message": "Connected to Portico push",
+                "roomId": room,
+                "rooms": [{"id": room, "size": room_size, "type": "session"}],
+            }
+        ]
+    return [
+        {
+            "type": "room_joined",
+            "roomId": room,
+            "roomType": "session",
+            "message": "Joined session room",
+            "roomSize": room_size,
+        },
+        {
+            "type": "session_update_confirmation",
+            "success": True,
+            "message": {
+                "set": "Session set",
+                "updated": "Session updated",
+                "none": "Session unchanged",
+            }[action.action],
+            "action": action.action,
+            "wasRequired": action.was_required,
+            "sessionId": mask_session_id(action.session_id),
+        },
+    ]

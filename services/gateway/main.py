@@ -1,0 +1,45 @@
+"""`portico-gateway`: run one gateway, configured only by environment variables."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from shared.logconfig import configure_logging
+from shared.settings import ConfigError, GatewaySettings
+
+from .app import create_app
+
+
+def uvicorn_config(settings: GatewaySettings, **overrides: object) -> uvicorn.Config:
+    options: dict[str, object] = {
+        "host": settings.host,
+        "port": settings.port,
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.max_frame_bytes,  # larger frames: close 1009
+        "ws_ping_interval": settings.ws_ping_interval_seconds,
+        "ws_ping_timeout": settings.ws_ping_interval_seconds,
+        "ws_per_message_deflate": settings.per_message_deflate,
+        "log_config": None,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 20,
+        "proxy_headers": False,
+        "server_header": False,
+    }
+    options.update(overrides)
+    return uvicorn.Config(create_app(settings), **options)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    try:
+        settings = GatewaySettings.from_env()
+    except ConfigError as exc:
+        print(f"portico-gateway: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, f"gateway[{settings.gateway_id}]")
+    uvicorn.Server(uvicorn_config(settings)).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""What the gateway and the fetcher share: protocol, codec, Redis names, settings, metrics."""

@@ -1,0 +1,55 @@
+"""Every Redis key and channel the services use, built from one configurable prefix.
+
+Each name says who writes it, who reads it and how long it lives. Session ids never appear in
+key names: keys use the session key (SHA-256 hex of the id, see `shared.protocol.session_key`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Fixed by the PHP backend (PROTOCOL.md §6): not prefixed, never renamed.
+SESSION_MESSAGES_CHANNEL = "session_messages"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "portico:"
+
+    def session_owners(self, session_key: str) -> str:
+        """ZSET gateway_id -> lease expiry (ms, Redis clock). Written by gateways (claim/refresh/
+        release), read by fetchers and gateways (owners). Key TTL = ownership TTL, refreshed."""
+        return f"{self.prefix}session:{session_key}:owners"
+
+    def session_seq(self, session_key: str) -> str:
+        """STRING last cart `seq` of a session. Written by fetchers only (never below the Redis
+        clock in microseconds, so a lost key cannot make seq go backwards). TTL 1 day."""
+        return f"{self.prefix}session:{session_key}:seq"
+
+    def gateway_channel(self, gateway_id: str) -> str:
+        """CHANNEL msgpack deliveries for one gateway. Published by fetchers (carts, routed
+        messages) and gateways (a tab's session_message); read by that gateway only."""
+        return f"{self.prefix}gateway:{gateway_id}"
+
+    @property
+    def gateways_channel(self) -> str:
+        """CHANNEL msgpack control messages to every gateway (e.g. "resync these shards").
+        Published by fetchers, read by all gateways."""
+        return f"{self.prefix}gateways"
+
+    @property
+    def fetcher_requests_channel(self) -> str:
+        """CHANNEL msgpack requests from gateways (a tab asks for its cart, a tab joined, a gateway
+        lost pushes). Published by gateways; every fetcher reads it and serves its own shards."""
+        return f"{self.prefix}fetcher:requests"
+
+    @property
+    def fetchers(self) -> str:
+        """ZSET fetcher_id -> heartbeat expiry (ms, Redis clock). Written and read by fetchers to
+        size their fair share of shards. Entries past expiry are pruned by the next writer."""
+        return f"{self.prefix}fetchers"
+
+    def shard_lease(self, shard: int) -> str:
+        """STRING fetcher_id holding a shard of sessions. SET NX PX by fetchers; TTL = lease TTL,
+        renewed by the holder; deleted by it on release."""
+        return f"{self.prefix}fetcher:shard:{shard}"

@@ -1,0 +1,101 @@
+"""The metrics catalog: every Prometheus metric either service exports, in one place.
+
+Names are `portico_<service>_<what>_<unit>`; labels take only small fixed value sets. Each
+service instance owns its own `CollectorRegistry` so that several instances can run in one
+process (tests) without sharing counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "FetcherMetrics", "GatewayMetrics", "render"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ns = "portico_gateway"
+        self.connections = Gauge(f"{ns}_connections", "Open WebSocket connections", registry=r)
+        self.sessions_held = Gauge(f"{ns}_sessions_held", "Sessions with a socket here", registry=r)
+        self.handshakes_rejected = Counter(
+            f"{ns}_handshakes_rejected_total", "Handshakes refused", ["reason"], registry=r
+        )
+        self.messages_received = Counter(
+            f"{ns}_messages_received_total", "Client messages by type", ["type"], registry=r
+        )
+        self.messages_sent = Counter(
+            f"{ns}_messages_sent_total", "Frames written to sockets by type", ["type"], registry=r
+        )
+        self.bytes_sent = Counter(f"{ns}_sent_bytes_total", "Bytes written to sockets", registry=r)
+        self.send_failures = Counter(f"{ns}_send_failures_total", "Failed socket writes", registry=r)
+        self.client_errors = Counter(
+            f"{ns}_client_errors_total", "Error replies sent to clients", ["code"], registry=r
+        )
+        self.slow_consumers = Counter(
+            f"{ns}_slow_consumer_total",
+            "Slow-consumer actions: a queued cart replaced, or a socket closed on overflow",
+            ["action"],
+            registry=r,
+        )
+        self.stale_carts_dropped = Counter(
+            f"{ns}_stale_carts_dropped_total", "Cart pushes older than one already sent", registry=r
+        )
+        self.deliveries_invalid = Counter(
+            f"{ns}_deliveries_invalid_total", "Undecodable envelopes on the gateway channel", registry=r
+        )
+        self.requests_timed_out = Counter(
+            f"{ns}_requests_timed_out_total", "Cart requests the fetchers did not answer", registry=r
+        )
+        self.redis_subscription_up = Gauge(
+            f"{ns}_redis_subscription_up", "1 while the gateway channel subscription is live", registry=r
+        )
+        self.push_latency = Histogram(
+            f"{ns}_trigger_to_socket_seconds",
+            "From the trigger's arrival at a fetcher to the socket write",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+
+class FetcherMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ns = "portico_fetcher"
+        self.triggers = Counter(
+            f"{ns}_triggers_total", "Valid messages on session_messages by type", ["type"], registry=r
+        )
+        self.triggers_invalid = Counter(
+            f"{ns}_triggers_invalid_total", "Dropped malformed inputs", ["reason"], registry=r
+        )
+        self.triggers_other_shard = Counter(
+            f"{ns}_triggers_other_shard_total", "Triggers left to the fetcher owning the shard", registry=r
+        )
+        self.triggers_coalesced = Counter(
+            f"{ns}_triggers_coalesced_total", "Work merged into an already pending fetch", registry=r
+        )
+        self.triggers_unheld = Counter(
+            f"{ns}_triggers_unheld_total", "Triggers for sessions no gateway holds", registry=r
+        )
+        self.requests = Counter(
+            f"{ns}_requests_total", "Requests from gateways by kind", ["kind"], registry=r
+        )
+        self.fetch_duration = Histogram(
+            f"{ns}_fetch_duration_seconds", "Cart query time", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.db_errors = Counter(f"{ns}_db_errors_total", "Failed cart queries", registry=r)
+        self.deliveries_published = Counter(
+            f"{ns}_deliveries_published_total", "Envelopes published to gateways", ["kind"], registry=r
+        )
+        self.shards_held = Gauge(f"{ns}_shards_held", "Shards this fetcher serves", registry=r)
+        self.redis_subscription_up = Gauge(
+            f"{ns}_redis_subscription_up", "1 while subscribed to session_messages", registry=r
+        )
+        self.db_up = Gauge(f"{ns}_database_up", "1 while the last database check succeeded", registry=r)

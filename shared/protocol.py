@@ -1,0 +1,89 @@
+"""The wire contract with browsers and the PHP backend (PROTOCOL.md): names, ids, close codes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from enum import IntEnum
+from typing import Any, Final
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9,-]{1,128}")
+
+DEFAULT_COOKIE_NAMES: Final = ("bookingfrontendsession", "sessionphpgwsessid", "PHPSESSID")
+
+
+class CloseCode(IntEnum):
+    """Every close code the gateway sends, and whether the client should reconnect.
+
+    The browser client reconnects with back-off on any close it did not ask for; the comment
+    says what a well-behaved client does.
+    """
+
+    NORMAL = 1000  # the client asked to close: do not reconnect
+    GOING_AWAY = 1001  # gateway draining or shutting down: reconnect (after retryAfterMs if sent)
+    UNSUPPORTED_DATA = 1003  # binary frame: a client bug; reconnecting repeats it
+    POLICY_VIOLATION = 1008  # too many bad messages (RATE_LIMITED): reconnect with back-off
+    MESSAGE_TOO_BIG = 1009  # frame over the size limit (sent by the WebSocket layer)
+    INTERNAL_ERROR = 1011  # unexpected server error: reconnect with back-off
+    TRY_AGAIN_LATER = 1013  # slow consumer, its outbox overflowed: reconnect with back-off
+
+
+class ErrorCode:
+    """`code` values of `{"type":"error"}` replies (PROTOCOL.md §2, §3)."""
+
+    NO_SESSION = "NO_SESSION"
+    INVALID_SESSION_ID = "INVALID_SESSION_ID"
+    INVALID_JSON = "INVALID_JSON"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    UNSUPPORTED_MESSAGE_TYPE = "UNSUPPORTED_MESSAGE_TYPE"
+    RATE_LIMITED = "RATE_LIMITED"
+
+
+def is_valid_session_id(value: object) -> bool:
+    """PHP's session id charset: `[A-Za-z0-9,-]`, 1 to 128 characters."""
+    return isinstance(value, str) and _SESSION_ID.fullmatch(value) is not None
+
+
+def mask_session_id(session_id: str) -> str:
+    """The only form of a session id that may be logged or shown: first 8 chars + `...`."""
+    return session_id[:8] + "..."
+
+
+def session_key(session_id: str) -> str:
+    """Internal routing key of a session (Redis keys, envelopes): full SHA-256 hex.
+
+    The full digest (not the 16-char room id) so that two sessions can never share a route.
+    """
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
+def session_room_id(session_id: str) -> str:
+    """The session room id shown to clients: `session_` + 16 hex chars of SHA-256."""
+    return "session_" + session_key(session_id)[:16]
+
+
+def room_id_for_key(key: str) -> str:
+    return "session_" + key[:16]
+
+
+def shard_of(key: str, shards: int) -> int:
+    """Which fetcher shard serves a session key. Every gateway and fetcher must agree."""
+    return int(key[:8], 16) % shards
+
+
+def now_iso() -> str:
+    """ISO-8601 UTC timestamp as PHP's `date('c')` prints it: `2025-05-12T11:54:20+00:00`."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
+def mask_session_field(payload: dict[str, Any]) -> dict[str, Any]:
+    """Mask a `sessionId` field of a payload routed from Redis to tabs (PROTOCOL.md §2)."""
+    sid = payload.get("sessionId")
+    if isinstance(sid, str) and not sid.endswith("..."):
+        payload["sessionId"] = mask_session_id(sid)
+    return payload

@@ -1,0 +1,238 @@
+"""Typed configuration from the environment, validated once at start-up.
+
+A wrong value raises `ConfigError` naming the variable; the entry points print it and exit 2.
+URLs may carry passwords: `repr` and logs only ever show `redact_url(...)`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+from shared.protocol import DEFAULT_COOKIE_NAMES
+
+
+class ConfigError(ValueError):
+    """A configuration variable has a value the service cannot run with."""
+
+
+def redact_url(url: str) -> str:
+    """`redis://:secret@host/0` -> `redis://:***@host/0` (for logs and repr)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class _Env:
+    """Reads variables from one mapping; every error names the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def str(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def int(self, name: str, default: int, *, low: int, high: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, *, low: float, high: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        raw = self._raw(name) or default
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not (parts.hostname or parts.path):
+            shown = redact_url(raw) if "@" in raw else raw
+            raise ConfigError(f"{name} must be a {'/'.join(schemes)} URL, got {shown!r}")
+        return raw
+
+    def list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        items = tuple(item.strip() for item in raw.split(",") if item.strip())
+        if not items:
+            raise ConfigError(f"{name} must be a comma-separated list, got {raw!r}")
+        return items
+
+
+def _default_instance_id() -> str:
+    # Unique per process: a restarted container keeps its host name (and pid 1).
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _check_id(name: str, value: str) -> str:
+    if not value or len(value) > 200 or any(c.isspace() for c in value):
+        raise ConfigError(f"{name} must be 1-200 characters without spaces, got {value!r}")
+    return value
+
+
+def _check_origins(name: str, origins: tuple[str, ...]) -> tuple[str, ...]:
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"{name} entries must be exact origins like https://booking.example.no "
+                f"(or '*'), got {origin!r}"
+            )
+    return tuple(o.rstrip("/") for o in origins)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = field(repr=False)
+    prefix: str
+
+    def __repr__(self) -> str:
+        return f"RedisSettings(url={redact_url(self.url)!r}, prefix={self.prefix!r})"
+
+    @classmethod
+    def from_env(cls, env: _Env) -> RedisSettings:
+        prefix = env.str("REDIS_PREFIX", "portico:")
+        if any(c.isspace() for c in prefix) or len(prefix) > 64:
+            raise ConfigError(f"REDIS_PREFIX must be at most 64 characters without spaces, got {prefix!r}")
+        return cls(url=env.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")), prefix=prefix)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    redis: RedisSettings
+    host: str = "0.0.0.0"
+    port: int = 8080
+    gateway_id: str = "gateway"
+    allowed_origins: tuple[str, ...] = ()  # empty: same-origin only
+    cookie_names: tuple[str, ...] = DEFAULT_COOKIE_NAMES
+    max_frame_bytes: int = 65536
+    outbox_frames: int = 64
+    bad_message_burst: int = 10
+    bad_message_refill_per_second: float = 0.2
+    ownership_ttl_seconds: float = 10.0
+    request_timeout_seconds: float = 10.0
+    ws_ping_interval_seconds: float = 30.0
+    server_ping_interval_seconds: float = 60.0
+    per_message_deflate: bool = False
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
+        env = _Env(os.environ if environ is None else environ)
+        return cls(
+            redis=RedisSettings.from_env(env),
+            host=env.str("GATEWAY_HOST", "0.0.0.0"),
+            port=env.int("GATEWAY_PORT", 8080, low=1, high=65535),
+            gateway_id=_check_id("GATEWAY_ID", env.str("GATEWAY_ID", _default_instance_id())),
+            allowed_origins=_check_origins("ALLOWED_ORIGINS", env.list("ALLOWED_ORIGINS", ())),
+            cookie_names=env.list("SESSION_COOKIE_NAMES", DEFAULT_COOKIE_NAMES),
+            max_frame_bytes=env.int("MAX_FRAME_BYTES", 65536, low=1024, high=16 * 1024 * 1024),
+            outbox_frames=env.int("OUTBOX_FRAMES", 64, low=2, high=10000),
+            bad_message_burst=env.int("BAD_MESSAGE_BURST", 10, low=1, high=10000),
+            bad_message_refill_per_second=env.float(
+                "BAD_MESSAGE_REFILL_PER_SECOND", 0.2, low=0.0, high=1000.0
+            ),
+            ownership_ttl_seconds=env.float("OWNERSHIP_TTL_SECONDS", 10.0, low=1.0, high=3600.0),
+            request_timeout_seconds=env.float("REQUEST_TIMEOUT_SECONDS", 10.0, low=0.1, high=300.0),
+            ws_ping_interval_seconds=env.float("WS_PING_INTERVAL_SECONDS", 30.0, low=1.0, high=3600.0),
+            server_ping_interval_seconds=env.float(
+                "SERVER_PING_INTERVAL_SECONDS", 60.0, low=1.0, high=3600.0
+            ),
+            per_message_deflate=env.bool("WS_PER_MESSAGE_DEFLATE", False),
+            log_level=_log_level(env),
+        )
+
+
+@dataclass(frozen=True)
+class FetcherSettings:
+    redis: RedisSettings
+    database_url: str = field(repr=False, default="postgresql://postgres@127.0.0.1:5432/postgres")
+    host: str = "0.0.0.0"
+    port: int = 8081
+    fetcher_id: str = "fetcher"
+    shards: int = 64
+    lease_ttl_seconds: float = 6.0
+    fetch_concurrency: int = 8
+    db_pool_size: int = 8
+    db_timeout_seconds: float = 5.0
+    max_payload_bytes: int = 1024 * 1024
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        return (
+            f"FetcherSettings(redis={self.redis!r}, database_url={redact_url(self.database_url)!r}, "
+            f"fetcher_id={self.fetcher_id!r}, shards={self.shards}, port={self.port})"
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> FetcherSettings:
+        env = _Env(os.environ if environ is None else environ)
+        concurrency = env.int("FETCH_CONCURRENCY", 8, low=1, high=1000)
+        return cls(
+            redis=RedisSettings.from_env(env),
+            database_url=env.url(
+                "DATABASE_URL",
+                "postgresql://postgres@127.0.0.1:5432/postgres",
+                ("postgresql", "postgres"),
+            ),
+            host=env.str("FETCHER_HOST", "0.0.0.0"),
+            port=env.int("FETCHER_PORT", 8081, low=1, high=65535),
+            fetcher_id=_check_id("FETCHER_ID", env.str("FETCHER_ID", _default_instance_id())),
+            shards=env.int("SHARDS", 64, low=1, high=4096),
+            lease_ttl_seconds=env.float("LEASE_TTL_SECONDS", 6.0, low=1.0, high=600.0),
+            fetch_concurrency=concurrency,
+            db_pool_size=env.int("DB_POOL_SIZE", concurrency, low=1, high=1000),
+            db_timeout_seconds=env.float("DB_TIMEOUT_SECONDS", 5.0, low=0.1, high=600.0),
+            max_payload_bytes=env.int("MAX_PAYLOAD_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
+            log_level=_log_level(env),
+        )
+
+
+def _log_level(env: _Env) -> str:
+    level = env.str("LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return level

@@ -1,0 +1,72 @@
+"""Fixtures: real Redis and PostgreSQL, a unique Redis prefix and PostgreSQL schema per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from tests.support.services import postgres_service, redis_service
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_SQL = (ROOT / "deploy" / "sql" / "schema.sql").read_text()
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_service() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with postgres_service() as url:
+        yield url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Unique Redis key prefix: tests never FLUSHALL and can run side by side."""
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+def with_search_path(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = f"{parts.query}&search_path={schema}" if parts.query else f"search_path={schema}"
+    return urlunsplit(parts._replace(query=query))
+
+
+@pytest.fixture
+async def database_url(postgres_url: str) -> AsyncIterator[str]:
+    """A fresh schema holding the Portico tables; the URL selects it via search_path."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}; SET search_path = {schema};")
+        await conn.execute(SCHEMA_SQL)
+    finally:
+        await conn.close()
+    yield with_search_path(postgres_url, schema)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -1,0 +1,141 @@
+"""Real gateways and fetchers in the test's event loop: uvicorn servers and `Fetcher`s."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from services.fetcher.service import Fetcher
+from services.fetcher.store import PostgresCartStore
+from services.gateway.app import Gateway
+from services.gateway.main import uvicorn_config
+from services.localservers import free_port
+from shared.settings import FetcherSettings, GatewaySettings, RedisSettings
+
+from .waiting import eventually
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/wss"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await asyncio.wait_for(self.task, 30)
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    database_url: str
+    prefix: str
+    gateway_env: dict[str, Any] = field(default_factory=dict)
+    fetcher_env: dict[str, Any] = field(default_factory=dict)
+    gateways: list[RunningGateway] = field(default_factory=list)
+    fetchers: list[Fetcher] = field(default_factory=list)
+    stores: list[PostgresCartStore] = field(default_factory=list)
+
+    def redis_settings(self) -> RedisSettings:
+        return RedisSettings(url=self.redis_url, prefix=self.prefix)
+
+    async def add_gateway(self, **overrides: Any) -> RunningGateway:
+        n = len(self.gateways) + 1
+        settings = GatewaySettings(
+            redis=self.redis_settings(),
+            host="127.0.0.1",
+            port=free_port(),
+            gateway_id=f"gw{n}",
+            ownership_ttl_seconds=3.0,
+            request_timeout_seconds=5.0,
+            **{**self.gateway_env, **overrides},
+        )
+        server = uvicorn.Server(uvicorn_config(settings, log_level="warning"))
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        task = asyncio.create_task(server.serve())
+        await eventually(lambda: server.started or task.done(), 10, what="gateway start")
+        if task.done():
+            task.result()
+        app = server.config.loaded_app
+        gateway = _find_state(app).gateway
+        running = RunningGateway(gateway, server, task, settings.port)
+        await eventually(lambda: gateway.subscription.live, 10, what="gateway subscribed")
+        self.gateways.append(running)
+        return running
+
+    async def add_fetcher(self, **overrides: Any) -> Fetcher:
+        n = len(self.fetchers) + 1
+        settings = FetcherSettings(
+            redis=self.redis_settings(),
+            database_url=overrides.pop("database_url", self.database_url),
+            fetcher_id=f"fetcher{n}",
+            lease_ttl_seconds=2.0,
+            **{**self.fetcher_env, **overrides},
+        )
+        store = PostgresCartStore(settings.database_url, pool_size=settings.db_pool_size, timeout=settings.db_timeout_seconds)
+        fetcher = Fetcher(settings, store)
+        await fetcher.start()
+        self.fetchers.append(fetcher)
+        self.stores.append(store)
+        await eventually(lambda: fetcher.subscription.live, 10, what="fetcher subscribed")
+        return fetcher
+
+    async def wait_shards_settled(self, timeout: float = 15.0) -> None:
+        """Every shard served by exactly one running fetcher."""
+
+        def settled() -> bool:
+            held = [set(f.leases.held()) for f in self.fetchers]
+            total = sum(len(h) for h in held)
+            return total == self.fetchers[0].settings.shards and len(set().union(*held)) == total and all(held)
+
+        await eventually(settled, timeout, what="shards split between fetchers")
+
+    async def close(self) -> None:
+        for running in self.gateways:
+            with contextlib.suppress(Exception):
+                await running.stop()
+        for fetcher in self.fetchers:
+            with contextlib.suppress(Exception):
+                await fetcher.stop()
+        for store in self.stores:
+            with contextlib.suppress(Exception):
+                await store.close()
+
+
+def _find_state(app: Any) -> Any:
+    # uvicorn wraps the app in middleware; walk down to the Starlette instance.
+    while not hasattr(app, "state"):
+        app = app.app
+    return app.state
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    redis_url: str, database_url: str, prefix: str, *, gateways: int = 2, fetchers: int = 2
+) -> AsyncIterator[Stack]:
+    stack = Stack(redis_url, database_url, prefix)
+    try:
+        for _ in range(fetchers):
+            await stack.add_fetcher()
+        for _ in range(gateways):
+            await stack.add_gateway()
+        if fetchers:
+            await stack.wait_shards_settled()
+        yield stack
+    finally:
+        await stack.close()

@@ -1,0 +1,68 @@
+"""A browser tab stand-in: a WebSocket client that records every JSON frame it receives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from .waiting import eventually
+
+
+class Tab:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self.closed_code: int | None = None
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(
+        cls, url: str, *, session: str | None = None, cookie: str | None = None, origin: str | None = None
+    ) -> Tab:
+        headers = {}
+        if session is not None:
+            headers["Cookie"] = f"bookingfrontendsession={session}"
+        if cookie is not None:
+            headers["Cookie"] = cookie
+        ws = await connect(url, additional_headers=headers, origin=origin, proxy=None, open_timeout=5)  # type: ignore[arg-type]
+        return cls(ws)
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                self.frames.append(json.loads(raw))
+        except Exception:
+            pass
+        finally:
+            self.closed_code = self.ws.close_code
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        await self.ws.send(message if isinstance(message, str) else json.dumps(message))
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("type") == kind]
+
+    def pushes(self) -> list[dict[str, Any]]:
+        return [
+            f for f in self.of_type("partial_applications_response")
+            if f["data"].get("source") == "server_push"
+        ]
+
+    async def wait_for(self, kind: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        await eventually(lambda: len(self.of_type(kind)) >= count, timeout, what=f"{count} x {kind}")
+        return self.of_type(kind)
+
+    async def wait_pushes(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        await eventually(lambda: len(self.pushes()) >= count, timeout, what=f"{count} cart pushes")
+        return self.pushes()
+
+    async def wait_closed(self, timeout: float = 10.0) -> int | None:
+        await asyncio.wait_for(self._reader, timeout)
+        return self.closed_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.wait_for(self._reader, 5)

@@ -1,0 +1,138 @@
+"""The push path end to end: two gateways, two fetchers, real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from shared.keys import SESSION_MESSAGES_CHANNEL
+from shared.protocol import session_room_id
+from tests.support.data import add_application, seed_reference
+from tests.support.stack import Stack, running_stack
+from tests.support.tabs import Tab
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.anyio
+
+SID = "abcDEF123-sess,1"
+OTHER = "zzzOTHER-session-2"
+
+
+async def trigger(redis_url: str, session_id: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        payload = {"type": "update_partial_applications", "sessionId": session_id, "timestamp": "2025-05-12T11:54:20+00:00"}
+        await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(payload))
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def stack(redis_url: str, database_url: str, prefix: str, db: asyncpg.Connection):
+    await seed_reference(db)
+    async with running_stack(redis_url, database_url, prefix) as running:
+        yield running
+
+
+async def open_tabs(stack: Stack, session: str, per_gateway: int = 2) -> list[Tab]:
+    tabs = []
+    for running in stack.gateways:
+        for _ in range(per_gateway):
+            tab = await Tab.open(running.url, session=session)
+            await tab.wait_pushes(1)  # the join-time cart
+            tabs.append(tab)
+    return tabs
+
+
+async def test_every_tab_on_both_gateways_gets_each_push_exactly_once(stack: Stack, db, redis_url):
+    await add_application(db, SID, name="First")
+    tabs = await open_tabs(stack, SID)
+    bystander = await Tab.open(stack.gateways[0].url, session=OTHER)
+    await bystander.wait_pushes(1)
+    assert all(t.pushes()[0]["data"]["count"] == 1 for t in tabs)
+
+    await add_application(db, SID, name="Second")
+    await trigger(redis_url, SID)
+    for tab in tabs:
+        pushes = await tab.wait_pushes(2)
+        assert pushes[1]["data"]["count"] == 2
+        assert [a["name"] for a in pushes[1]["data"]["applications"]] == ["First", "Second"]
+    await asyncio.sleep(1.0)  # room for a duplicate to show up, if the split were wrong
+    assert [len(t.pushes()) for t in tabs] == [2] * len(tabs)
+    assert len(bystander.pushes()) == 1, "another session's tab must get nothing"
+    fetches = sum(f.metrics.fetch_duration._sum.get() > 0 for f in stack.fetchers)
+    assert fetches >= 1
+
+
+async def test_join_gets_connection_success_and_current_cart(stack: Stack, db):
+    await add_application(db, SID, name="Cart item")
+    tab = await Tab.open(stack.gateways[1].url, session=SID)
+    [hello] = await tab.wait_for("connection_success")
+    assert hello["roomId"] == session_room_id(SID)
+    assert hello["rooms"][0]["type"] == "session"
+    [push] = await tab.wait_pushes(1)
+    data = push["data"]
+    assert data["source"] == "server_push" and data["error"] is False and data["status"] == "success"
+    assert data["sessionId"] == SID[:8] + "..."
+    assert data["count"] == 1 and data["diff"] is None and isinstance(data["seq"], int)
+    assert "session_id" not in data["applications"][0]
+    assert "requestId" not in push
+
+
+async def test_request_reply_goes_only_to_the_asking_socket(stack: Stack, db):
+    await add_application(db, SID)
+    asker, sibling = await open_tabs(stack, SID, per_gateway=1)
+    await asker.send({"type": "get_partial_applications", "requestId": "req-42"})
+    replies = await asker.wait_for("partial_applications_response", 2)
+    reply = replies[-1]
+    assert reply["requestId"] == "req-42"
+    assert "source" not in reply["data"] and reply["data"]["count"] == 1
+    assert reply["data"]["seq"] >= asker.pushes()[0]["data"]["seq"]
+    await asyncio.sleep(0.5)
+    assert len(sibling.of_type("partial_applications_response")) == 1, "only the join push"
+
+
+async def test_burst_of_triggers_coalesces_and_delivers_the_final_state(stack: Stack, db, redis_url):
+    tabs = await open_tabs(stack, SID, per_gateway=1)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for i in range(50):
+            await add_application(db, SID, name=f"item {i}")
+            await client.publish(
+                SESSION_MESSAGES_CHANNEL, json.dumps({"type": "update_partial_applications", "sessionId": SID})
+            )
+    finally:
+        await client.aclose()
+    for tab in tabs:
+        await eventually(lambda tab=tab: tab.pushes()[-1]["data"]["count"] == 50, 15, what="final cart")
+        seqs = [p["data"]["seq"] for p in tab.pushes()]
+        assert seqs == sorted(set(seqs)), "seq strictly increases"
+        assert len(tab.pushes()) < 51, "a burst is coalesced"
+    coalesced = sum(f.metrics.triggers_coalesced._value.get() for f in stack.fetchers)
+    assert coalesced > 0
+
+
+async def test_session_targeted_and_refresh_bookinguser_reach_the_tabs(stack: Stack, redis_url):
+    tabs = await open_tabs(stack, SID, per_gateway=1)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps({
+            "type": "session_targeted", "sessionId": SID,
+            "data": {"type": "server_message", "action": "new", "sessionId": SID,
+                     "messages": [{"id": 1, "type": "info", "text": "Hei"}]},
+        }))
+        await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(
+            {"type": "refresh_bookinguser", "sessionId": SID, "timestamp": "2025-05-12T11:54:20+00:00"}))
+    finally:
+        await client.aclose()
+    for tab in tabs:
+        [message] = await tab.wait_for("server_message")
+        assert message["messages"][0]["text"] == "Hei"
+        assert message["sessionId"] == SID[:8] + "...", "session id routed from Redis is masked"
+        assert "timestamp" in message
+        [refresh] = await tab.wait_for("refresh_bookinguser")
+        assert refresh["action"] == "refresh" and refresh["timestamp"] == "2025-05-12T11:54:20+00:00"
