@@ -10,7 +10,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from tests.support.data import seed_reference
 from tests.support.services import postgres_service, redis_service
+from tests.support.stack import Stack, running_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_SQL = (ROOT / "deploy" / "sql" / "schema.sql").read_text()
@@ -70,3 +72,21 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def stack(redis_url: str, database_url: str, prefix: str, db: asyncpg.Connection) -> AsyncIterator[Stack]:
+    """Two gateways and two fetchers sharing one Redis prefix and one PostgreSQL schema."""
+    await seed_reference(db)
+    async with running_stack(redis_url, database_url, prefix) as running:
+        yield running
+
+
+@pytest.fixture
+async def small_stack(
+    redis_url: str, database_url: str, prefix: str, db: asyncpg.Connection
+) -> AsyncIterator[Stack]:
+    """One gateway and one fetcher."""
+    await seed_reference(db)
+    async with running_stack(redis_url, database_url, prefix, gateways=1, fetchers=1) as running:
+        yield running

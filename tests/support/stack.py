@@ -8,6 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import json
+
+import redis.asyncio as aioredis
 import uvicorn
 
 from services.fetcher.service import Fetcher
@@ -15,6 +18,7 @@ from services.fetcher.store import PostgresCartStore
 from services.gateway.app import Gateway
 from services.gateway.main import uvicorn_config
 from services.localservers import free_port
+from shared.keys import SESSION_MESSAGES_CHANNEL
 from shared.settings import FetcherSettings, GatewaySettings, RedisSettings
 
 from .waiting import eventually
@@ -139,3 +143,14 @@ async def running_stack(
         yield stack
     finally:
         await stack.close()
+
+
+async def trigger(redis_url: str, session_id: str) -> None:
+    """Publish exactly what the PHP backend publishes after a cart change."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        payload = {"type": "update_partial_applications", "sessionId": session_id,
+                   "timestamp": "2025-05-12T11:54:20+00:00"}
+        await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(payload))
+    finally:
+        await client.aclose()

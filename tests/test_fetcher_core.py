@@ -1,0 +1,120 @@
+"""Fetcher pieces without I/O: trigger parsing, coalescing, delivery planning."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from services.fetcher.coalescer import GET, JOIN, SessionWork, WorkCoalescer
+from services.fetcher.deliveries import CartSnapshot, plan_cart_deliveries
+from services.fetcher.triggers import InvalidInput, parse_session_message
+
+pytestmark = pytest.mark.anyio
+
+
+def parse(payload: object, limit: int = 1024 * 1024):
+    return parse_session_message(json.dumps(payload).encode(), limit)
+
+
+def test_trigger_parsing():
+    trigger = parse({"type": "update_partial_applications", "sessionId": "abc", "timestamp": "t"})
+    assert (trigger.type, trigger.session_id, trigger.frame) == ("update_partial_applications", "abc", None)
+    targeted = parse({"type": "session_targeted", "sessionId": "abc",
+                      "data": {"type": "server_message", "sessionId": "abcdefghijk"}})
+    frame = json.loads(targeted.frame)
+    assert frame["type"] == "server_message" and frame["sessionId"] == "abcdefgh..." and "timestamp" in frame
+    refresh = json.loads(parse({"type": "refresh_bookinguser", "sessionId": "abc"}).frame)
+    assert refresh["type"] == "refresh_bookinguser" and refresh["action"] == "refresh" and refresh["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{", "not_json"),
+        (b"[]", "not_object"),
+        (b'{"type":"nope","sessionId":"a"}', "unknown_type"),
+        (b'{"type":"update_partial_applications"}', "bad_session_id"),
+        (b'{"type":"update_partial_applications","sessionId":""}', "bad_session_id"),
+        (b'{"type":"update_partial_applications","sessionId":"a b"}', "bad_session_id"),
+        (b'{"type":"session_targeted","sessionId":"a","data":[1]}', "bad_data"),
+        (b'{"type":"session_targeted","sessionId":"a","data":{"no":"type"}}', "bad_data"),
+    ],
+)
+def test_invalid_triggers(raw: bytes, reason: str):
+    with pytest.raises(InvalidInput) as caught:
+        parse_session_message(raw, 1024)
+    assert caught.value.reason == reason
+
+
+def test_oversized_trigger():
+    with pytest.raises(InvalidInput) as caught:
+        parse_session_message(b" " * 2000, 1024)
+    assert caught.value.reason == "too_large"
+
+
+async def test_coalescer_runs_one_more_fetch_for_triggers_during_a_fetch():
+    started: list[SessionWork] = []
+    gate = asyncio.Event()
+
+    async def run(work: SessionWork) -> None:
+        started.append(work)
+        await gate.wait()
+
+    coalescer = WorkCoalescer(run, concurrency=4)
+    coalescer.start()
+    try:
+        coalescer.submit(SessionWork("s", push_all=True))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(started) == 1
+        for token in range(5):  # arrive while the first fetch runs
+            coalescer.submit(SessionWork("s", requests=[("gw", token, GET)]))
+        await asyncio.sleep(0.01)
+        assert len(started) == 1, "never two fetches of one session at once"
+        gate.set()
+        await asyncio.wait_for(coalescer.wait_idle(), 2)
+        assert len(started) == 2, "exactly one follow-up fetch"
+        assert [t for _, t, _ in started[1].requests] == [0, 1, 2, 3, 4]
+    finally:
+        await coalescer.stop()
+
+
+async def test_coalescer_bounds_concurrency_across_sessions():
+    running = 0
+    peak = 0
+
+    async def run(work: SessionWork) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+
+    coalescer = WorkCoalescer(run, concurrency=3)
+    coalescer.start()
+    try:
+        for i in range(300):
+            coalescer.submit(SessionWork(f"s{i}", push_all=True))
+        await asyncio.wait_for(coalescer.wait_idle(), 5)
+    finally:
+        await coalescer.stop()
+    assert peak == 3
+
+
+def test_plan_one_envelope_per_gateway():
+    work = SessionWork("sess-123456789", push_all=True, requests=[("gw2", 7, GET), ("gw3", 8, JOIN)])
+    snapshot = CartSnapshot(seq=5, fetched_at="t", applications_json="[]", count=0)
+    plan = plan_cart_deliveries(work, "key", ["gw1", "gw2"], snapshot)
+    assert set(plan) == {"gw1", "gw2", "gw3"}
+    assert plan["gw1"]["all"] and plan["gw1"]["tokens"] == []
+    assert plan["gw2"]["all"] and plan["gw2"]["tokens"] == [[7, GET]]
+    assert not plan["gw3"]["all"] and plan["gw3"]["tokens"] == [[8, JOIN]]
+    assert plan["gw1"]["sid"] == "sess-123..." and plan["gw1"]["seq"] == 5
+
+
+def test_plan_without_trigger_ignores_owners():
+    work = SessionWork("s", requests=[("gw2", 1, GET)])
+    plan = plan_cart_deliveries(work, "k", ["gw1"], CartSnapshot(1, "t", None, error="down"))
+    assert set(plan) == {"gw2"} and plan["gw2"]["ok"] is False and plan["gw2"]["message"] == "down"
