@@ -85,8 +85,21 @@ class LocalRedis:
 
     def start(self) -> LocalRedis:
         self._proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--loglevel", "warning"],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--loglevel",
+                "warning",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -143,12 +156,31 @@ class LocalPostgres:
 
     def start(self) -> LocalPostgres:
         if not os.path.exists(os.path.join(self.data, "PG_VERSION")):
-            self._run(str(self.bin / "initdb"), "-D", self.data, "-U", "postgres", "-A", "trust",
-                      "--no-sync", "-E", "UTF8", "--locale=C")
+            self._run(
+                str(self.bin / "initdb"),
+                "-D",
+                self.data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            )
         self._run(
-            str(self.bin / "pg_ctl"), "-D", self.data, "-l", os.path.join(self.dir, "log"), "-w", "-t", "30",
-            "-o", f"-p {self.port} -h 127.0.0.1 -k {self._socket_dir} -c fsync=off "
-                  "-c synchronous_commit=off -c full_page_writes=off",
+            str(self.bin / "pg_ctl"),
+            "-D",
+            self.data,
+            "-l",
+            os.path.join(self.dir, "log"),
+            "-w",
+            "-t",
+            "30",
+            "-o",
+            f"-p {self.port} -h 127.0.0.1 -k {self._socket_dir} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off",
             "start",
         )
         _wait_port(self.port, 30, "postgres")

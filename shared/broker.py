@@ -99,7 +99,10 @@ class Subscription:
                 delay = random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**failures))
                 log.warning(
                     "%s: subscription lost (%s: %s); reconnecting in %.2fs",
-                    self._name, exc.__class__.__name__, exc, delay,
+                    self._name,
+                    exc.__class__.__name__,
+                    exc,
+                    delay,
                 )
                 try:
                     await asyncio.wait_for(self._stopping.wait(), delay)
@@ -129,7 +132,7 @@ class Subscription:
         finally:
             self._set_live(False)
             try:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
                 await client.aclose()
             except Exception:  # the connection is already broken; nothing to clean
                 pass

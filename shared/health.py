@@ -16,9 +16,7 @@ from starlette.routing import Route
 from shared.metrics import CONTENT_TYPE_LATEST, render
 
 
-def health_routes(
-    ready: Callable[[], dict[str, bool]], registry: CollectorRegistry
-) -> list[Route]:
+def health_routes(ready: Callable[[], dict[str, bool]], registry: CollectorRegistry) -> list[Route]:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 

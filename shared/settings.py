@@ -44,10 +44,10 @@ class _Env:
             return None
         return value.strip()
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         return self._raw(name) or default
 
-    def int(self, name: str, default: int, *, low: int, high: int) -> int:
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -59,7 +59,7 @@ class _Env:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
         return value
 
-    def float(self, name: str, default: float, *, low: float, high: float) -> float:
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -71,7 +71,7 @@ class _Env:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -90,7 +90,7 @@ class _Env:
             raise ConfigError(f"{name} must be a {'/'.join(schemes)} URL, got {shown!r}")
         return raw
 
-    def list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -134,10 +134,12 @@ class RedisSettings:
 
     @classmethod
     def from_env(cls, env: _Env) -> RedisSettings:
-        prefix = env.str("REDIS_PREFIX", "portico:")
+        prefix = env.text("REDIS_PREFIX", "portico:")
         if any(c.isspace() for c in prefix) or len(prefix) > 64:
             raise ConfigError(f"REDIS_PREFIX must be at most 64 characters without spaces, got {prefix!r}")
-        return cls(url=env.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")), prefix=prefix)
+        return cls(
+            url=env.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")), prefix=prefix
+        )
 
 
 @dataclass(frozen=True)
@@ -164,24 +166,24 @@ class GatewaySettings:
         env = _Env(os.environ if environ is None else environ)
         return cls(
             redis=RedisSettings.from_env(env),
-            host=env.str("GATEWAY_HOST", "0.0.0.0"),
-            port=env.int("GATEWAY_PORT", 8080, low=1, high=65535),
-            gateway_id=_check_id("GATEWAY_ID", env.str("GATEWAY_ID", _default_instance_id())),
-            allowed_origins=_check_origins("ALLOWED_ORIGINS", env.list("ALLOWED_ORIGINS", ())),
-            cookie_names=env.list("SESSION_COOKIE_NAMES", DEFAULT_COOKIE_NAMES),
-            max_frame_bytes=env.int("MAX_FRAME_BYTES", 65536, low=1024, high=16 * 1024 * 1024),
-            outbox_frames=env.int("OUTBOX_FRAMES", 64, low=2, high=10000),
-            bad_message_burst=env.int("BAD_MESSAGE_BURST", 10, low=1, high=10000),
-            bad_message_refill_per_second=env.float(
+            host=env.text("GATEWAY_HOST", "0.0.0.0"),
+            port=env.integer("GATEWAY_PORT", 8080, low=1, high=65535),
+            gateway_id=_check_id("GATEWAY_ID", env.text("GATEWAY_ID", _default_instance_id())),
+            allowed_origins=_check_origins("ALLOWED_ORIGINS", env.items("ALLOWED_ORIGINS", ())),
+            cookie_names=env.items("SESSION_COOKIE_NAMES", DEFAULT_COOKIE_NAMES),
+            max_frame_bytes=env.integer("MAX_FRAME_BYTES", 65536, low=1024, high=16 * 1024 * 1024),
+            outbox_frames=env.integer("OUTBOX_FRAMES", 64, low=2, high=10000),
+            bad_message_burst=env.integer("BAD_MESSAGE_BURST", 10, low=1, high=10000),
+            bad_message_refill_per_second=env.number(
                 "BAD_MESSAGE_REFILL_PER_SECOND", 0.2, low=0.0, high=1000.0
             ),
-            ownership_ttl_seconds=env.float("OWNERSHIP_TTL_SECONDS", 10.0, low=1.0, high=3600.0),
-            request_timeout_seconds=env.float("REQUEST_TIMEOUT_SECONDS", 10.0, low=0.1, high=300.0),
-            ws_ping_interval_seconds=env.float("WS_PING_INTERVAL_SECONDS", 30.0, low=1.0, high=3600.0),
-            server_ping_interval_seconds=env.float(
+            ownership_ttl_seconds=env.number("OWNERSHIP_TTL_SECONDS", 10.0, low=1.0, high=3600.0),
+            request_timeout_seconds=env.number("REQUEST_TIMEOUT_SECONDS", 10.0, low=0.1, high=300.0),
+            ws_ping_interval_seconds=env.number("WS_PING_INTERVAL_SECONDS", 30.0, low=1.0, high=3600.0),
+            server_ping_interval_seconds=env.number(
                 "SERVER_PING_INTERVAL_SECONDS", 60.0, low=1.0, high=3600.0
             ),
-            per_message_deflate=env.bool("WS_PER_MESSAGE_DEFLATE", False),
+            per_message_deflate=env.flag("WS_PER_MESSAGE_DEFLATE", False),
             log_level=_log_level(env),
         )
 
@@ -210,7 +212,7 @@ class FetcherSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FetcherSettings:
         env = _Env(os.environ if environ is None else environ)
-        concurrency = env.int("FETCH_CONCURRENCY", 8, low=1, high=1000)
+        concurrency = env.integer("FETCH_CONCURRENCY", 8, low=1, high=1000)
         return cls(
             redis=RedisSettings.from_env(env),
             database_url=env.url(
@@ -218,21 +220,21 @@ class FetcherSettings:
                 "postgresql://postgres@127.0.0.1:5432/postgres",
                 ("postgresql", "postgres"),
             ),
-            host=env.str("FETCHER_HOST", "0.0.0.0"),
-            port=env.int("FETCHER_PORT", 8081, low=1, high=65535),
-            fetcher_id=_check_id("FETCHER_ID", env.str("FETCHER_ID", _default_instance_id())),
-            shards=env.int("SHARDS", 64, low=1, high=4096),
-            lease_ttl_seconds=env.float("LEASE_TTL_SECONDS", 6.0, low=1.0, high=600.0),
+            host=env.text("FETCHER_HOST", "0.0.0.0"),
+            port=env.integer("FETCHER_PORT", 8081, low=1, high=65535),
+            fetcher_id=_check_id("FETCHER_ID", env.text("FETCHER_ID", _default_instance_id())),
+            shards=env.integer("SHARDS", 64, low=1, high=4096),
+            lease_ttl_seconds=env.number("LEASE_TTL_SECONDS", 6.0, low=1.0, high=600.0),
             fetch_concurrency=concurrency,
-            db_pool_size=env.int("DB_POOL_SIZE", concurrency, low=1, high=1000),
-            db_timeout_seconds=env.float("DB_TIMEOUT_SECONDS", 5.0, low=0.1, high=600.0),
-            max_payload_bytes=env.int("MAX_PAYLOAD_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
+            db_pool_size=env.integer("DB_POOL_SIZE", concurrency, low=1, high=1000),
+            db_timeout_seconds=env.number("DB_TIMEOUT_SECONDS", 5.0, low=0.1, high=600.0),
+            max_payload_bytes=env.integer("MAX_PAYLOAD_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
             log_level=_log_level(env),
         )
 
 
 def _log_level(env: _Env) -> str:
-    level = env.str("LOG_LEVEL", "INFO").upper()
+    level = env.text("LOG_LEVEL", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
     return level

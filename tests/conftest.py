@@ -75,7 +75,9 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def stack(redis_url: str, database_url: str, prefix: str, db: asyncpg.Connection) -> AsyncIterator[Stack]:
+async def stack(
+    redis_url: str, database_url: str, prefix: str, db: asyncpg.Connection
+) -> AsyncIterator[Stack]:
     """Two gateways and two fetchers sharing one Redis prefix and one PostgreSQL schema."""
     await seed_reference(db)
     async with running_stack(redis_url, database_url, prefix) as running:

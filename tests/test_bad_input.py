@@ -188,7 +188,9 @@ async def test_malformed_redis_payloads_are_counted_and_dropped(small_stack: Sta
         json.dumps({"type": "update_partial_applications", "sessionId": 5}).encode(),
         json.dumps({"type": "whatever", "sessionId": SID}).encode(),
         json.dumps({"type": "session_targeted", "sessionId": SID, "data": "not an object"}).encode(),
-        json.dumps({"type": "update_partial_applications", "sessionId": SID, "pad": "x" * (1024 * 1024)}).encode(),
+        json.dumps(
+            {"type": "update_partial_applications", "sessionId": SID, "pad": "x" * (1024 * 1024)}
+        ).encode(),
     ]
     client = aioredis.Redis.from_url(redis_url)
     try:

@@ -34,9 +34,17 @@ def test_oslo_times_take_the_right_offset_on_both_sides_of_dst():
 async def build_golden_cart(db: asyncpg.Connection) -> None:
     await seed_reference(db)
     first = await add_application(
-        db, SID, name="Korps &amp; kor &lt;3", building_id=1, building_name="Hall A",
-        description=None, organizer="Ola &quot;Dirigent&quot;", created="2025-05-12 11:50:00.5",
-        frontend_modified="2025-05-12 11:51:00", customer_organization_id=None, case_officer_id=7,
+        db,
+        SID,
+        name="Korps &amp; kor &lt;3",
+        building_id=1,
+        building_name="Hall A",
+        description=None,
+        organizer="Ola &quot;Dirigent&quot;",
+        created="2025-05-12 11:50:00.5",
+        frontend_modified="2025-05-12 11:51:00",
+        customer_organization_id=None,
+        case_officer_id=7,
     )
     second = await add_application(db, SID, name="Tom", created="2025-05-12 12:00:00", building_id=5)
     await add_application(db, SID, name="Not partial", status="NEW")

@@ -34,7 +34,10 @@ def sent(actions) -> list[dict]:
 
 
 def test_cookie_preference_and_validation():
-    assert session_from_cookie("PHPSESSID=c; bookingfrontendsession=a; sessionphpgwsessid=b", NAMES) == ("a", False)
+    assert session_from_cookie("PHPSESSID=c; bookingfrontendsession=a; sessionphpgwsessid=b", NAMES) == (
+        "a",
+        False,
+    )
     assert session_from_cookie("PHPSESSID=c; sessionphpgwsessid=b", NAMES) == ("b", False)
     assert session_from_cookie("other=1; PHPSESSID=abc,-123", NAMES) == ("abc,-123", False)
     assert session_from_cookie("bookingfrontendsession=bad!id", NAMES) == (None, True)
@@ -111,7 +114,13 @@ def test_session_message_is_relayed_only_within_the_session():
 
 def test_unknown_and_peer_types_are_refused_not_relayed():
     proto = ConnectionProtocol(Limits(bad_message_burst=100))
-    for message in ['{"type":"chat"}', '{"type":"notification"}', '{"type":"room_message"}', '{"x":1}', '{"type":7}']:
+    for message in [
+        '{"type":"chat"}',
+        '{"type":"notification"}',
+        '{"type":"room_message"}',
+        '{"x":1}',
+        '{"type":7}',
+    ]:
         [error] = proto.on_text(message)
         assert isinstance(error, Send) and error.message["code"] == "UNSUPPORTED_MESSAGE_TYPE"
 
@@ -138,7 +147,12 @@ def test_binary_closes_1003():
 def test_user_info():
     proto = ConnectionProtocol()
     [confirm] = sent(proto.on_text('{"type":"update_user_info","userId":"17"}'))
-    assert confirm == {"type": "user_info_update_confirmation", "success": True, "message": "User info updated", "userId": 17}
+    assert confirm == {
+        "type": "user_info_update_confirmation",
+        "success": True,
+        "message": "User info updated",
+        "userId": 17,
+    }
     for bad in ['"x"', "true", "1.5", "null", '"1e3"']:
         [error] = sent(proto.on_text(f'{{"type":"update_user_info","userId":{bad}}}'))
         assert error["code"] == "INVALID_MESSAGE"

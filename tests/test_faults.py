@@ -87,7 +87,9 @@ async def test_killed_pubsub_connections_reconnect_and_resync(own_redis, databas
         finally:
             await client.aclose()
         await eventually(
-            lambda: all(g.gateway.subscription.reconnects > b for g, b in zip(stack.gateways, before, strict=True)),
+            lambda: all(
+                g.gateway.subscription.reconnects > b for g, b in zip(stack.gateways, before, strict=True)
+            ),
             what="gateways resubscribed",
         )
         for tab in tabs:
@@ -151,7 +153,8 @@ async def test_postgres_cut_off_sends_errors_then_recovers(redis_url, database_u
 async def test_a_dead_fetchers_shards_are_taken_over_and_its_sessions_converge(stack: Stack, db, redis_url):
     dead, survivor = stack.fetchers
     sid = next(
-        f"orphan-{i}" for i in range(10_000)
+        f"orphan-{i}"
+        for i in range(10_000)
         if dead.leases.owns(shard_of(session_key(f"orphan-{i}"), dead.settings.shards))
     )
     await add_application(db, sid)

@@ -21,8 +21,13 @@ def parse(payload: object, limit: int = 1024 * 1024):
 def test_trigger_parsing():
     trigger = parse({"type": "update_partial_applications", "sessionId": "abc", "timestamp": "t"})
     assert (trigger.type, trigger.session_id, trigger.frame) == ("update_partial_applications", "abc", None)
-    targeted = parse({"type": "session_targeted", "sessionId": "abc",
-                      "data": {"type": "server_message", "sessionId": "abcdefghijk"}})
+    targeted = parse(
+        {
+            "type": "session_targeted",
+            "sessionId": "abc",
+            "data": {"type": "server_message", "sessionId": "abcdefghijk"},
+        }
+    )
     frame = json.loads(targeted.frame)
     assert frame["type"] == "server_message" and frame["sessionId"] == "abcdefgh..." and "timestamp" in frame
     refresh = json.loads(parse({"type": "refresh_bookinguser", "sessionId": "abc"}).frame)

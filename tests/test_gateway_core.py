@@ -12,8 +12,16 @@ from services.gateway.outbox import Frame, Outbox
 pytestmark = pytest.mark.anyio
 
 CART = {
-    "kind": "cart", "key": "k", "sid": "abcdefgh...", "seq": 42, "fetched_at": "2025-05-12T11:54:20+00:00",
-    "ok": True, "count": 1, "applications": '[{"id":1,"name":"\\u0000applications\\u0000"}]', "all": True, "tokens": [],
+    "kind": "cart",
+    "key": "k",
+    "sid": "abcdefgh...",
+    "seq": 42,
+    "fetched_at": "2025-05-12T11:54:20+00:00",
+    "ok": True,
+    "count": 1,
+    "applications": '[{"id":1,"name":"\\u0000applications\\u0000"}]',
+    "all": True,
+    "tokens": [],
 }
 
 
@@ -22,9 +30,15 @@ def test_push_frame_shape():
     assert frame == {
         "type": "partial_applications_response",
         "data": {
-            "error": False, "status": "success", "applications": [{"id": 1, "name": "\x00applications\x00"}],
-            "count": 1, "sessionId": "abcdefgh...", "source": "server_push",
-            "timestamp": "2025-05-12T11:54:20+00:00", "seq": 42, "diff": None,
+            "error": False,
+            "status": "success",
+            "applications": [{"id": 1, "name": "\x00applications\x00"}],
+            "count": 1,
+            "sessionId": "abcdefgh...",
+            "source": "server_push",
+            "timestamp": "2025-05-12T11:54:20+00:00",
+            "seq": 42,
+            "diff": None,
         },
         "timestamp": "2025-05-12T11:54:20+00:00",
     }

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.keys import SESSION_MESSAGES_CHANNEL
-from shared.protocol import session_room_id
+from shared.protocol import session_key, session_room_id
 from tests.support.data import add_application
 from tests.support.metrics import metric_value
 from tests.support.stack import Stack, trigger
@@ -88,7 +88,8 @@ async def test_burst_of_triggers_coalesces_and_delivers_the_final_state(stack: S
         for i in range(50):
             await add_application(db, SID, name=f"item {i}")
             await client.publish(
-                SESSION_MESSAGES_CHANNEL, json.dumps({"type": "update_partial_applications", "sessionId": SID})
+                SESSION_MESSAGES_CHANNEL,
+                json.dumps({"type": "update_partial_applications", "sessionId": SID}),
             )
     finally:
         await client.aclose()
@@ -105,13 +106,27 @@ async def test_session_targeted_and_refresh_bookinguser_reach_the_tabs(stack: St
     tabs = await open_tabs(stack, SID, per_gateway=1)
     client = aioredis.Redis.from_url(redis_url)
     try:
-        await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps({
-            "type": "session_targeted", "sessionId": SID,
-            "data": {"type": "server_message", "action": "new", "sessionId": SID,
-                     "messages": [{"id": 1, "type": "info", "text": "Hei"}]},
-        }))
-        await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(
-            {"type": "refresh_bookinguser", "sessionId": SID, "timestamp": "2025-05-12T11:54:20+00:00"}))
+        await client.publish(
+            SESSION_MESSAGES_CHANNEL,
+            json.dumps(
+                {
+                    "type": "session_targeted",
+                    "sessionId": SID,
+                    "data": {
+                        "type": "server_message",
+                        "action": "new",
+                        "sessionId": SID,
+                        "messages": [{"id": 1, "type": "info", "text": "Hei"}],
+                    },
+                }
+            ),
+        )
+        await client.publish(
+            SESSION_MESSAGES_CHANNEL,
+            json.dumps(
+                {"type": "refresh_bookinguser", "sessionId": SID, "timestamp": "2025-05-12T11:54:20+00:00"}
+            ),
+        )
     finally:
         await client.aclose()
     for tab in tabs:
@@ -121,3 +136,42 @@ async def test_session_targeted_and_refresh_bookinguser_reach_the_tabs(stack: St
         assert "timestamp" in message
         [refresh] = await tab.wait_for("refresh_bookinguser")
         assert refresh["action"] == "refresh" and refresh["timestamp"] == "2025-05-12T11:54:20+00:00"
+
+
+async def test_mass_invalidation_far_above_the_redis_pool_size_loses_nothing(stack: Stack, redis_url, db):
+    """redis-py's asyncio pool holds 100 connections by default: one task per trigger in a
+    mass invalidation used to fail with MaxConnectionsError and silently lose pushes. 1500
+    sessions held by a probe gateway, 1500 triggers at once: every one must be delivered."""
+    from shared import codec
+    from shared.keys import Keys
+    from shared.registry import RedisOwnershipRegistry
+
+    sessions = [f"mass-{i}" for i in range(1500)]
+    keys = Keys(stack.prefix)
+    client = aioredis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    try:
+        await RedisOwnershipRegistry(client, keys, "probe", 60).claim([session_key(s) for s in sessions])
+        await pubsub.subscribe(keys.gateway_channel("probe"))
+        async with client.pipeline(transaction=False) as pipe:
+            for sid in sessions:
+                pipe.publish(
+                    SESSION_MESSAGES_CHANNEL,
+                    json.dumps({"type": "update_partial_applications", "sessionId": sid}),
+                )
+            await pipe.execute()
+        received: dict[str, dict] = {}
+
+        async def drain() -> None:
+            while len(received) < len(sessions):
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message:
+                    envelope = codec.unpack(message["data"])
+                    received[envelope["key"]] = envelope
+
+        await asyncio.wait_for(drain(), 60)
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+    assert set(received) == {session_key(s) for s in sessions}
+    assert all(e["ok"] and e["all"] and e["count"] == 0 for e in received.values())

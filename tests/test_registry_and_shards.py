@@ -60,8 +60,15 @@ def make_leases(client, prefix, fetcher_id, shards=16, ttl=1.5, gained=None, rel
         if released is not None:
             released.extend(shards_)
 
-    return ShardLeases(client, Keys(prefix), fetcher_id, shards=shards, ttl_seconds=ttl,
-                       on_gained=on_gained, before_release=before_release)
+    return ShardLeases(
+        client,
+        Keys(prefix),
+        fetcher_id,
+        shards=shards,
+        ttl_seconds=ttl,
+        on_gained=on_gained,
+        before_release=before_release,
+    )
 
 
 async def test_shards_split_fairly_and_move_when_a_fetcher_leaves_or_dies(client, prefix):
@@ -82,7 +89,7 @@ async def test_shards_split_fairly_and_move_when_a_fetcher_leaves_or_dies(client
             await leases.tick()
     held = [x.held() for x in (a, b, c)]
     assert all(0 < len(h) <= 6 for h in held), "nobody above its fair share, ceil(16 / 3)"
-    assert sorted(sum(held, [])) == list(range(16)), "every shard served exactly once"
+    assert sorted(s for h in held for s in h) == list(range(16)), "every shard served exactly once"
 
     await c.stop()  # graceful: releases at once
     for leases in (a, b, a, b):

@@ -61,7 +61,9 @@ def test_secrets_stay_out_of_repr_and_errors():
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
 
 
-@pytest.mark.parametrize(("command", "variable"), [("portico-gateway", "GATEWAY_PORT"), ("portico-fetcher", "FETCHER_PORT")])
+@pytest.mark.parametrize(
+    ("command", "variable"), [("portico-gateway", "GATEWAY_PORT"), ("portico-fetcher", "FETCHER_PORT")]
+)
 def test_process_refuses_to_start_with_a_bad_value(command, variable):
     binary = os.path.join(os.path.dirname(sys.executable), command)
     result = subprocess.run(

@@ -82,17 +82,54 @@ ORDER BY a.id
 
 # Top-level scalar columns in output order; NULL ones are omitted (PHP serializer).
 _SCALARS = (
-    "id", "id_string", "active", "display_in_dashboard", "type", "status", "secret",
-    "created", "modified", "frontend_modified", "building_name", "building_id", "activity_id",
-    "owner_id", "case_officer_id", "name", "organizer", "homepage", "description", "equipment",
-    "contact_name", "contact_email", "contact_phone", "customer_identifier_type", "customer_ssn",
-    "customer_organization_number", "customer_organization_name", "customer_organization_id",
-    "responsible_street", "responsible_zip_code", "responsible_city", "agreement_requirements",
+    "id",
+    "id_string",
+    "active",
+    "display_in_dashboard",
+    "type",
+    "status",
+    "secret",
+    "created",
+    "modified",
+    "frontend_modified",
+    "building_name",
+    "building_id",
+    "activity_id",
+    "owner_id",
+    "case_officer_id",
+    "name",
+    "organizer",
+    "homepage",
+    "description",
+    "equipment",
+    "contact_name",
+    "contact_email",
+    "contact_phone",
+    "customer_identifier_type",
+    "customer_ssn",
+    "customer_organization_number",
+    "customer_organization_name",
+    "customer_organization_id",
+    "responsible_street",
+    "responsible_zip_code",
+    "responsible_city",
+    "agreement_requirements",
     "external_archive_key",
 )
 _LINE_KEYS = (
-    "order_id", "status", "parent_mapping_id", "article_mapping_id", "quantity", "unit_price",
-    "overridden_unit_price", "currency", "amount", "unit", "tax_code", "tax", "name",
+    "order_id",
+    "status",
+    "parent_mapping_id",
+    "article_mapping_id",
+    "quantity",
+    "unit_price",
+    "overridden_unit_price",
+    "currency",
+    "amount",
+    "unit",
+    "tax_code",
+    "tax",
+    "name",
 )
 
 
@@ -136,9 +173,7 @@ def shape_application(row: Mapping[str, Any]) -> dict[str, Any]:
         {"id": d["id"], "from_": oslo_iso(d["from_"]), "to_": oslo_iso(d["to_"])}
         for d in _children(row["dates"])
     ]
-    resources = [
-        {k: v for k, v in r.items() if v is not None} for r in _children(row["resources"])
-    ]
+    resources = [{k: v for k, v in r.items() if v is not None} for r in _children(row["resources"])]
     lines = _children(row["order_lines"])
     orders = [
         {

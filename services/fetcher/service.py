@@ -234,7 +234,9 @@ class Fetcher:
         """The tabs were shown an error: fetch again until the database answers, so they
         converge to the real cart without waiting for the next change."""
         if work.attempt >= len(RETRY_DELAYS):
-            log.warning("cart of %s: giving up after %d retries", mask_session_id(work.session_id), work.attempt)
+            log.warning(
+                "cart of %s: giving up after %d retries", mask_session_id(work.session_id), work.attempt
+            )
             return
         retry = SessionWork(
             work.session_id,
@@ -273,7 +275,8 @@ class Fetcher:
         deadline = time.monotonic() + self.settings.lease_ttl_seconds / 2
         while time.monotonic() < deadline:
             busy = [
-                sid for sid in self.coalescer.busy_sessions()
+                sid
+                for sid in self.coalescer.busy_sessions()
                 if shard_of(session_key(sid), self.settings.shards) in released
             ]
             if not busy:

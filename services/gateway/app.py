@@ -57,7 +57,7 @@ TIMEOUT_MESSAGE = "Timed out waiting for the cart; please try again"
 class Client:
     """One open socket."""
 
-    __slots__ = ("cart_seq", "id", "key", "outbox", "protocol", "ws", "writer")
+    __slots__ = ("cart_seq", "id", "key", "outbox", "protocol", "writer", "ws")
 
     def __init__(self, client_id: int, ws: WebSocket, protocol: ConnectionProtocol, outbox: Outbox):
         self.id = client_id
@@ -121,8 +121,14 @@ class Gateway:
     async def stop(self) -> None:
         self.draining = True
         for client in list(self.clients.values()):
-            self._send(client, {"type": "reconnect_required", "message": "Server restarting",
-                                "retryAfterMs": random.randint(500, 3000)})
+            self._send(
+                client,
+                {
+                    "type": "reconnect_required",
+                    "message": "Server restarting",
+                    "retryAfterMs": random.randint(500, 3000),
+                },
+            )
             client.outbox.close_after_flush(CloseCode.GOING_AWAY, "server shutting down")
         writers = [c.writer for c in self.clients.values() if c.writer is not None]
         if writers:
@@ -311,7 +317,10 @@ class Gateway:
     async def _request_cart(self, client: Client, kind: str, request_id: Any, has_request_id: bool) -> None:
         token = next(self._tokens)
         self.pending[token] = PendingRequest(
-            client, kind, request_id, has_request_id,
+            client,
+            kind,
+            request_id,
+            has_request_id,
             deadline=time.monotonic() + self.settings.request_timeout_seconds,
         )
         await self._publish_request(kind, client, token)
@@ -328,7 +337,11 @@ class Gateway:
 
     async def _request_refresh(self, session_ids: list[str]) -> None:
         for start in range(0, len(session_ids), REFRESH_BATCH):
-            envelope = {"kind": codec.REFRESH, "gateway": self.id, "sids": session_ids[start : start + REFRESH_BATCH]}
+            envelope = {
+                "kind": codec.REFRESH,
+                "gateway": self.id,
+                "sids": session_ids[start : start + REFRESH_BATCH],
+            }
             await self.client.publish(self.keys.fetcher_requests_channel, codec.pack(envelope))
 
     async def _sweep_requests(self) -> None:
@@ -432,8 +445,9 @@ class Gateway:
                     self._enqueue(client, push_frame())
             else:
                 client.cart_seq = max(client.cart_seq, seq)
-                text = render_cart(cart, push=False, request_id=pending.request_id,
-                                   has_request_id=pending.has_request_id)
+                text = render_cart(
+                    cart, push=False, request_id=pending.request_id, has_request_id=pending.has_request_id
+                )
                 self._enqueue(client, Frame(text, "partial_applications_response"))
 
     def _deliver_frame(self, envelope: dict[str, Any]) -> None:

@@ -165,7 +165,11 @@ class ConnectionProtocol:
         actions: list[Action] = []
         if cookie_invalid:
             actions.append(
-                Send(error_message(ErrorCode.INVALID_SESSION_ID, "The session cookie is not a valid session id"))
+                Send(
+                    error_message(
+                        ErrorCode.INVALID_SESSION_ID, "The session cookie is not a valid session id"
+                    )
+                )
             )
         if cookie_session is not None:
             self.session_id = cookie_session

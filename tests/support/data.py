@@ -25,7 +25,9 @@ async def seed_reference(db: asyncpg.Connection) -> None:
     )
 
 
-async def add_application(db: asyncpg.Connection, session_id: str, name: str = "Søknad", **columns: object) -> int:
+async def add_application(
+    db: asyncpg.Connection, session_id: str, name: str = "Søknad", **columns: object
+) -> int:
     values: dict[str, object] = {
         "status": "NEWPARTIAL1",
         "modified": "2025-05-12 11:54:20",

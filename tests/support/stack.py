@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import json
 
 import redis.asyncio as aioredis
 import uvicorn
@@ -91,7 +90,9 @@ class Stack:
             lease_ttl_seconds=2.0,
             **{**self.fetcher_env, **overrides},
         )
-        store = PostgresCartStore(settings.database_url, pool_size=settings.db_pool_size, timeout=settings.db_timeout_seconds)
+        store = PostgresCartStore(
+            settings.database_url, pool_size=settings.db_pool_size, timeout=settings.db_timeout_seconds
+        )
         fetcher = Fetcher(settings, store)
         await fetcher.start()
         self.fetchers.append(fetcher)
@@ -105,7 +106,9 @@ class Stack:
         def settled() -> bool:
             held = [set(f.leases.held()) for f in self.fetchers]
             total = sum(len(h) for h in held)
-            return total == self.fetchers[0].settings.shards and len(set().union(*held)) == total and all(held)
+            return (
+                total == self.fetchers[0].settings.shards and len(set().union(*held)) == total and all(held)
+            )
 
         await eventually(settled, timeout, what="shards split between fetchers")
 
@@ -149,8 +152,11 @@ async def trigger(redis_url: str, session_id: str) -> None:
     """Publish exactly what the PHP backend publishes after a cart change."""
     client = aioredis.Redis.from_url(redis_url)
     try:
-        payload = {"type": "update_partial_applications", "sessionId": session_id,
-                   "timestamp": "2025-05-12T11:54:20+00:00"}
+        payload = {
+            "type": "update_partial_applications",
+            "sessionId": session_id,
+            "timestamp": "2025-05-12T11:54:20+00:00",
+        }
         await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(payload))
     finally:
         await client.aclose()

@@ -47,7 +47,8 @@ class Tab:
 
     def pushes(self) -> list[dict[str, Any]]:
         return [
-            f for f in self.of_type("partial_applications_response")
+            f
+            for f in self.of_type("partial_applications_response")
             if f["data"].get("source") == "server_push"
         ]
 

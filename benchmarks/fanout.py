@@ -1,0 +1,89 @@
+"""Cost of turning one cart push into frames for N tabs: encode once vs encode per socket.
+
+The gateway renders a push once (`render_cart`, splicing the fetcher's JSON text) and hands
+the same string to every socket's outbox. The baseline, measured in the same run, is what a
+naive gateway does: build and `json.dumps` the whole message for each socket.
+
+    .venv/bin/python -m benchmarks.fanout [--tabs 1000] [--applications 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from services.gateway.frames import render_cart
+from services.gateway.outbox import Frame, Outbox
+from shared.codec import dumps
+
+GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "cart.json"
+
+
+def best_of(repeats: int, fn) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tabs", type=int, default=1000)
+    parser.add_argument("--applications", type=int, default=10)
+    args = parser.parse_args()
+    golden = json.loads(GOLDEN.read_text())
+    applications = [dict(golden[i % len(golden)], id=i) for i in range(args.applications)]
+    cart = {
+        "kind": "cart",
+        "key": "k",
+        "sid": "abcdefgh...",
+        "seq": 1,
+        "fetched_at": "2025-05-12T11:54:20+00:00",
+        "ok": True,
+        "count": len(applications),
+        "applications": dumps(applications),
+        "all": True,
+        "tokens": [],
+    }
+    outboxes = [Outbox(64) for _ in range(args.tabs)]
+
+    def encode_once() -> None:
+        text = render_cart(cart, push=True)
+        frame = Frame(text, "partial_applications_response", cart=True)
+        for box in outboxes:
+            box.put(frame)
+
+    def encode_per_socket() -> None:
+        for box in outboxes:
+            message = {
+                "type": "partial_applications_response",
+                "data": {
+                    "error": False,
+                    "status": "success",
+                    "applications": applications,
+                    "count": len(applications),
+                    "sessionId": "abcdefgh...",
+                    "source": "server_push",
+                    "timestamp": cart["fetched_at"],
+                    "seq": 1,
+                    "diff": None,
+                },
+                "timestamp": cart["fetched_at"],
+            }
+            box.put(Frame(dumps(message), "partial_applications_response", cart=True))
+
+    once = best_of(20, encode_once)
+    per_socket = best_of(5, encode_per_socket)
+    size = len(render_cart(cart, push=True).encode())
+    print(f"one push of a {args.applications}-application cart ({size} bytes) to {args.tabs} tabs")
+    print(f"  encode once, share the frame : {once * 1000:8.2f} ms")
+    print(f"  encode per socket (baseline) : {per_socket * 1000:8.2f} ms")
+    print(f"  speed-up                     : {per_socket / once:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""`portico-push`: the local stack, and small tools that speak the protocol like PHP and a tab do."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from shared.keys import SESSION_MESSAGES_CHANNEL
+from shared.protocol import is_valid_session_id, now_iso
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+async def publish_trigger(redis_url: str, session_id: str) -> int:
+    """Publish exactly what the PHP backend publishes (PROTOCOL.md §5.1); returns receivers."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        payload = {"type": "update_partial_applications", "sessionId": session_id, "timestamp": now_iso()}
+        receivers: int = await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(payload))
+        return receivers
+    finally:
+        await client.aclose()
+
+
+async def add_application(database_url: str, session_id: str, name: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        app_id: int = await conn.fetchval(
+            """
+            INSERT INTO bb_application (status, modified, building_name, building_id, activity_id, name,
+                                        contact_name, contact_email, contact_phone, secret, owner_id, session_id)
+            VALUES ('NEWPARTIAL1', now(), 'Fana kulturhus', 1, 1, $1, 'Demo', 'demo@example.no', '0',
+                    md5(random()::text), 0, $2)
+            RETURNING id
+            """,
+            name,
+            session_id,
+        )
+        await conn.execute(
+            "INSERT INTO bb_application_date (application_id, from_, to_) "
+            "VALUES ($1, date_trunc('hour', now()) + interval '1 day', date_trunc('hour', now()) + interval '26 hours')",
+            app_id,
+        )
+        await conn.execute(
+            "INSERT INTO bb_application_resource (application_id, resource_id) VALUES ($1, 1)", app_id
+        )
+        return app_id
+    finally:
+        await conn.close()
+
+
+async def listen(url: str, session_id: str | None, origin: str | None) -> None:
+    from websockets.asyncio.client import connect
+
+    headers = {"Cookie": f"bookingfrontendsession={session_id}"} if session_id else {}
+    async with connect(url, additional_headers=headers, origin=origin, proxy=None) as ws:  # type: ignore[arg-type]
+        print(f"connected to {url}", file=sys.stderr)
+        async for raw in ws:
+            message = json.loads(raw)
+            if message.get("type") == "partial_applications_response" and isinstance(
+                message.get("data"), dict
+            ):
+                data = message["data"]
+                names = [a.get("name") for a in data.get("applications", [])]
+                print(
+                    f"{message['type']} seq={data.get('seq')} source={data.get('source')} "
+                    f"count={data.get('count')} error={data.get('error')} {names}",
+                    flush=True,
+                )
+            else:
+                print(raw, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="portico-push", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("stack", help="run Redis, PostgreSQL, 2 gateways and 2 fetchers locally")
+    trigger = commands.add_parser("trigger", help="publish update_partial_applications like PHP does")
+    trigger.add_argument("session_id")
+    add = commands.add_parser("add-application", help="add a partial application to a cart, then trigger")
+    add.add_argument("session_id")
+    add.add_argument("--name", default="Demo booking")
+    watch = commands.add_parser("listen", help="connect like a browser tab and print what arrives")
+    watch.add_argument("url", nargs="?", default="ws://127.0.0.1:8080/wss")
+    watch.add_argument("--session", help="session id sent as the bookingfrontendsession cookie")
+    watch.add_argument("--origin", help="Origin header to send (default: none)")
+    args = parser.parse_args(argv)
+
+    redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS)
+    if args.command == "stack":
+        from services.devstack import run_stack
+
+        raise SystemExit(run_stack())
+    if args.command in ("trigger", "add-application") and not is_valid_session_id(args.session_id):
+        parser.error("session_id must be 1-128 characters of A-Z, a-z, 0-9, ',' and '-'")
+    if args.command == "trigger":
+        receivers = asyncio.run(publish_trigger(redis_url, args.session_id))
+        print(f"published update_partial_applications ({receivers} fetcher(s) listening)")
+    elif args.command == "add-application":
+        app_id = asyncio.run(
+            add_application(os.environ.get("DATABASE_URL", DEFAULT_DATABASE), args.session_id, args.name)
+        )
+        receivers = asyncio.run(publish_trigger(redis_url, args.session_id))
+        print(
+            f"added application {app_id}; published update_partial_applications ({receivers} fetcher(s) listening)"
+        )
+    elif args.command == "listen":
+        try:
+            asyncio.run(listen(args.url, args.session, args.origin))
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

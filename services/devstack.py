@@ -1,0 +1,153 @@
+"""`portico-push stack` (what `make run` runs): a whole working stack on one machine.
+
+Redis and PostgreSQL are the ones named by REDIS_URL / DATABASE_URL when set; otherwise
+throwaway local servers (`services.localservers`) with the Portico schema and demo data.
+Then two fetchers and two gateways as child processes. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import asyncpg
+
+from services.localservers import LocalPostgres, LocalRedis, free_port
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "sql"
+GATEWAY_PORTS = (8080, 8081)
+FETCHER_PORTS = (9101, 9102)
+
+
+def _port_or_free(preferred: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()
+
+
+async def ensure_schema(database_url: str) -> bool:
+    """Load the schema and demo data unless the Portico tables already exist."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        if await conn.fetchval("SELECT to_regclass('bb_application') IS NOT NULL"):
+            return False
+        await conn.execute((SQL_DIR / "schema.sql").read_text())
+        await conn.execute((SQL_DIR / "demo.sql").read_text())
+        return True
+    finally:
+        await conn.close()
+
+
+def _wait_ready(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def run_stack() -> int:
+    with ExitStack() as cleanup:
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            redis = LocalRedis(_port_or_free(6390)).start()
+            cleanup.callback(redis.cleanup)
+            redis_url = redis.url
+            print(f"started Redis at {redis_url}")
+        database_url = os.environ.get("DATABASE_URL")
+        if not database_url:
+            postgres = LocalPostgres(_port_or_free(5440)).start()
+            cleanup.callback(postgres.cleanup)
+            database_url = postgres.url
+            print(f"started PostgreSQL at {database_url}")
+        if asyncio.run(ensure_schema(database_url)):
+            print("loaded the Portico schema and demo data (sessions demo-session-1, demo-session-2)")
+
+        base_env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": database_url,
+            "GATEWAY_HOST": "127.0.0.1",
+            "FETCHER_HOST": "127.0.0.1",
+        }
+        children: list[subprocess.Popen[bytes]] = []
+
+        def stop_children() -> None:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(25)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+
+        cleanup.callback(stop_children)
+        health = []
+        for n, preferred in enumerate(FETCHER_PORTS, 1):
+            port = _port_or_free(preferred)
+            env = {**base_env, "FETCHER_PORT": str(port), "FETCHER_ID": f"fetcher-{n}"}
+            children.append(subprocess.Popen([sys.executable, "-m", "services.fetcher.main"], env=env))
+            health.append(f"http://127.0.0.1:{port}/readyz")
+        gateways = []
+        for n, preferred in enumerate(GATEWAY_PORTS, 1):
+            port = _port_or_free(preferred)
+            env = {**base_env, "GATEWAY_PORT": str(port), "GATEWAY_ID": f"gateway-{n}"}
+            children.append(subprocess.Popen([sys.executable, "-m", "services.gateway.main"], env=env))
+            health.append(f"http://127.0.0.1:{port}/readyz")
+            gateways.append(port)
+        for url in health:
+            if not _wait_ready(url, 30):
+                print(f"not ready after 30s: {url}", file=sys.stderr)
+                return 1
+
+        cli = f"{Path(sys.executable).parent}/portico-push"
+        print(
+            "\nPortico Push is running: 2 gateways, 2 fetchers.\n"
+            + "".join(
+                f"  gateway   ws://127.0.0.1:{p}/wss   (health http://127.0.0.1:{p}/readyz)\n"
+                for p in gateways
+            )
+            + "\nWatch a visitor's cart in two 'tabs', one per gateway (two terminals):\n"
+            + f"  {cli} listen ws://127.0.0.1:{gateways[0]}/wss --session demo-session-1\n"
+            + f"  {cli} listen ws://127.0.0.1:{gateways[1]}/wss --session demo-session-1\n"
+            + "Change the cart and push it, as the PHP backend does:\n"
+            + f"  DATABASE_URL={database_url} REDIS_URL={redis_url} {cli} add-application demo-session-1\n"
+            + "or only publish the trigger:\n"
+            + f"  REDIS_URL={redis_url} {cli} trigger demo-session-1\n"
+            + "\nCtrl-C stops everything.\n",
+            flush=True,
+        )
+        stop = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop:
+            for child in children:
+                if child.poll() is not None:
+                    print(f"a service exited with code {child.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+        print("stopping...")
+    return 0
