@@ -193,7 +193,7 @@ class FetcherSettings:
     redis: RedisSettings
     database_url: str = field(repr=False, default="postgresql://postgres@127.0.0.1:5432/postgres")
     host: str = "0.0.0.0"
-    port: int = 8081
+    port: int = 8090
     fetcher_id: str = "fetcher"
     shards: int = 64
     lease_ttl_seconds: float = 6.0
@@ -221,7 +221,7 @@ class FetcherSettings:
                 ("postgresql", "postgres"),
             ),
             host=env.text("FETCHER_HOST", "0.0.0.0"),
-            port=env.integer("FETCHER_PORT", 8081, low=1, high=65535),
+            port=env.integer("FETCHER_PORT", 8090, low=1, high=65535),
             fetcher_id=_check_id("FETCHER_ID", env.text("FETCHER_ID", _default_instance_id())),
             shards=env.integer("SHARDS", 64, low=1, high=4096),
             lease_ttl_seconds=env.number("LEASE_TTL_SECONDS", 6.0, low=1.0, high=600.0),

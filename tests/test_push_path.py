@@ -12,7 +12,7 @@ from shared.keys import SESSION_MESSAGES_CHANNEL
 from shared.protocol import session_key, session_room_id
 from tests.support.data import add_application
 from tests.support.metrics import metric_value
-from tests.support.stack import Stack, trigger
+from tests.support.stack import Stack, running_stack, trigger
 from tests.support.tabs import Tab
 from tests.support.waiting import eventually
 
@@ -175,3 +175,80 @@ async def test_mass_invalidation_far_above_the_redis_pool_size_loses_nothing(sta
         await client.aclose()
     assert set(received) == {session_key(s) for s in sessions}
     assert all(e["ok"] and e["all"] and e["count"] == 0 for e in received.values())
+
+
+async def test_gateway_never_sends_an_older_cart_after_a_newer_one(redis_url, database_url, prefix):
+    """Around a shard hand-over two fetchers may answer out of order. The test plays the
+    fetcher on the gateway's channel: a late, older push is dropped, and a reply older than
+    what the tab has is asked for again instead of being shown."""
+    from shared import codec
+    from shared.keys import Keys
+
+    keys = Keys(prefix)
+    async with running_stack(redis_url, database_url, prefix, gateways=1, fetchers=0) as stack:
+        gateway = stack.gateways[0].gateway
+        client = aioredis.Redis.from_url(redis_url)
+        requests = client.pubsub()
+        await requests.subscribe(keys.fetcher_requests_channel)
+        try:
+            tab = await Tab.open(stack.gateways[0].url, session=SID)
+            await tab.wait_for("connection_success")
+
+            async def publish_cart(seq: int, *, all_tabs: bool, tokens=()) -> None:
+                envelope = {
+                    "kind": "cart",
+                    "key": session_key(SID),
+                    "sid": "x...",
+                    "seq": seq,
+                    "fetched_at": "t",
+                    "ok": True,
+                    "count": seq,
+                    "applications": "[]",
+                    "all": all_tabs,
+                    "tokens": [list(t) for t in tokens],
+                    "received_at": None,
+                }
+                await client.publish(keys.gateway_channel("gw1"), codec.pack(envelope))
+
+            await publish_cart(10, all_tabs=True)
+            await tab.wait_pushes(1)
+            await publish_cart(9, all_tabs=True)  # late and older: dropped
+            await tab.send({"type": "get_partial_applications", "requestId": "r"})
+            token = await eventually(
+                lambda: next((t for t, p in gateway.pending.items() if p.kind == "get"), None)
+            )
+            await publish_cart(8, all_tabs=False, tokens=[(token, "get")])  # older reply: asked again
+
+            async def asked_again() -> bool:
+                while message := await requests.get_message(ignore_subscribe_messages=True, timeout=0.1):
+                    if codec.unpack(message["data"])["kind"] == "get":
+                        return True
+                return False
+
+            # the first GET (from the tab) and the second (the gateway asking again)
+            assert await eventually(asked_again) and await eventually(asked_again)
+            await publish_cart(11, all_tabs=False, tokens=[(token, "get")])
+            [reply] = [
+                f for f in await tab.wait_for("partial_applications_response", 2) if f.get("requestId")
+            ]
+            assert reply["data"]["seq"] == 11
+            assert [f["data"]["seq"] for f in tab.of_type("partial_applications_response")] == [10, 11]
+            assert metric_value(gateway.metrics.stale_carts_dropped) == 1
+        finally:
+            await requests.aclose()
+            await client.aclose()
+
+
+async def test_stopping_gateway_tells_tabs_to_reconnect_and_releases_its_sessions(stack: Stack):
+    first, second = stack.gateways
+    tab = await Tab.open(first.url, session=SID)
+    other = await Tab.open(second.url, session=SID)
+    await tab.wait_pushes(1)
+    await other.wait_pushes(1)
+    await first.stop()
+    stack.gateways.remove(first)
+    assert await tab.wait_closed() == 1001
+    [notice] = tab.of_type("reconnect_required")
+    assert 500 <= notice["retryAfterMs"] <= 3000
+    assert await stack.fetchers[0].registry.owners(session_key(SID)) == ["gw2"]
+    assert other.closed_code is None

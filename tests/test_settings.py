@@ -18,7 +18,7 @@ def test_defaults():
     assert gateway.redis.prefix == "portico:" and gateway.gateway_id
     assert GatewaySettings.from_env({}).gateway_id != gateway.gateway_id, "unique per process start"
     fetcher = FetcherSettings.from_env({})
-    assert fetcher.shards == 64 and fetcher.port == 8081
+    assert fetcher.shards == 64 and fetcher.port == 8090
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +50,7 @@ from .outbox import Frame, Outbox
 log = logging.getLogger(__name__)
 
 REFRESH_BATCH = 500  # session ids per refresh request envelope
-JOIN_ATTEMPTS = 3  # a join-time cart request is re-sent this often before giving up
+REQUEST_ATTEMPTS = 3  # a cart request is sent at most this often (lost, or answered with an older cart)
 TIMEOUT_MESSAGE = "Timed out waiting for the cart; please try again"
 
 
@@ -106,6 +106,12 @@ class Gateway:
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)  # keep a reference until done (asyncio holds weak ones)
+        task.add_done_callback(self._background.discard)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -118,7 +124,13 @@ class Gateway:
         ]
         log.info("gateway %s started: %r", self.id, self.settings)
 
-    async def stop(self) -> None:
+    async def drain(self) -> None:
+        """Stop taking sockets, tell every tab to reconnect elsewhere, close them with 1001.
+
+        Runs before uvicorn closes the remaining connections itself (see `main.GatewayServer`).
+        """
+        if self.draining:
+            return
         self.draining = True
         for client in list(self.clients.values()):
             self._send(
@@ -126,13 +138,16 @@ class Gateway:
                 {
                     "type": "reconnect_required",
                     "message": "Server restarting",
-                    "retryAfterMs": random.randint(500, 3000),
+                    "retryAfterMs": random.randint(500, 3000),  # spread the reconnects
                 },
             )
-            client.outbox.close_after_flush(CloseCode.GOING_AWAY, "server shutting down")
+            client.outbox.close_after_flush(CloseCode.GOING_AWAY, "server restarting")
         writers = [c.writer for c in self.clients.values() if c.writer is not None]
         if writers:
             await asyncio.wait(writers, timeout=5)
+
+    async def stop(self) -> None:
+        await self.drain()
         try:
             await self.registry.release(list(self.sessions))
         except RedisError as exc:
@@ -238,7 +253,7 @@ class Gateway:
             client.protocol.closed = True
             if client.writer is not None:
                 client.writer.cancel()
-            asyncio.get_running_loop().create_task(self._close_quietly(client, CloseCode.TRY_AGAIN_LATER))
+            self._spawn(self._close_quietly(client, CloseCode.TRY_AGAIN_LATER))
 
     async def _close_quietly(self, client: Client, code: int) -> None:
         try:
@@ -354,7 +369,7 @@ class Gateway:
                 client = pending.client
                 if client.protocol.closed:
                     del self.pending[token]
-                elif pending.kind == codec.JOIN and pending.attempts < JOIN_ATTEMPTS:
+                elif pending.kind == codec.JOIN and pending.attempts < REQUEST_ATTEMPTS:
                     pending.attempts += 1
                     pending.deadline = now + self.settings.request_timeout_seconds
                     await self._publish_request(codec.JOIN, client, token)
@@ -443,6 +458,12 @@ class Gateway:
                 if seq > client.cart_seq:
                     client.cart_seq = seq
                     self._enqueue(client, push_frame())
+            elif seq < client.cart_seq and pending.attempts < REQUEST_ATTEMPTS:
+                # Older than a cart this tab already has (possible only around a shard
+                # hand-over): ask again rather than show an older snapshot after a newer one.
+                pending.attempts += 1
+                self.pending[token] = pending
+                self._spawn(self._publish_request(codec.GET, client, token))
             else:
                 client.cart_seq = max(client.cart_seq, seq)
                 text = render_cart(

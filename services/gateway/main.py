@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import uvicorn
@@ -10,6 +11,18 @@ from shared.logconfig import configure_logging
 from shared.settings import ConfigError, GatewaySettings
 
 from .app import create_app
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn closes open WebSockets (1012) before the app's shutdown runs; drain first, so
+    that tabs hear `reconnect_required` and a 1001 they know how to handle."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.loaded_app
+        while not hasattr(app, "state"):  # unwrap uvicorn's middleware
+            app = app.app
+        await app.state.gateway.drain()
+        await super().shutdown(sockets)
 
 
 def uvicorn_config(settings: GatewaySettings, **overrides: object) -> uvicorn.Config:
@@ -38,7 +51,7 @@ def main() -> None:
         print(f"portico-gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, f"gateway[{settings.gateway_id}]")
-    uvicorn.Server(uvicorn_config(settings)).run()
+    GatewayServer(uvicorn_config(settings)).run()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import uvicorn
 from services.fetcher.service import Fetcher
 from services.fetcher.store import PostgresCartStore
 from services.gateway.app import Gateway
-from services.gateway.main import uvicorn_config
+from services.gateway.main import GatewayServer, uvicorn_config
 from services.localservers import free_port
 from shared.keys import SESSION_MESSAGES_CHANNEL
 from shared.settings import FetcherSettings, GatewaySettings, RedisSettings
@@ -68,7 +68,7 @@ class Stack:
             request_timeout_seconds=5.0,
             **{**self.gateway_env, **overrides},
         )
-        server = uvicorn.Server(uvicorn_config(settings, log_level="warning"))
+        server = GatewayServer(uvicorn_config(settings, log_level="warning"))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve())
         await eventually(lambda: server.started or task.done(), 10, what="gateway start")
