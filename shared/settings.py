@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.protocol import DEFAULT_COOKIE_NAMES
@@ -231,6 +233,18 @@ class FetcherSettings:
             max_payload_bytes=env.integer("MAX_PAYLOAD_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
             log_level=_log_level(env),
         )
+
+
+_Settings = TypeVar("_Settings", "GatewaySettings", "FetcherSettings")
+
+
+def load_or_exit(cls: type[_Settings], program: str) -> _Settings:
+    """Settings from the environment, or exit 2 with the message naming the variable."""
+    try:
+        return cls.from_env()
+    except ConfigError as exc:
+        print(f"{program}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _log_level(env: _Env) -> str:

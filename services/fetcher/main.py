@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-
 import uvicorn
 
 from shared.logconfig import configure_logging
-from shared.settings import ConfigError, FetcherSettings
+from shared.settings import FetcherSettings, load_or_exit
 
 from .app import create_app
 
 
 def main() -> None:
-    try:
-        settings = FetcherSettings.from_env()
-    except ConfigError as exc:
-        print(f"portico-fetcher: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    settings = load_or_exit(FetcherSettings, "portico-fetcher")
     configure_logging(settings.log_level, f"fetcher[{settings.fetcher_id}]")
     uvicorn.run(
         create_app(settings),

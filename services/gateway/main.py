@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-import sys
 
 import uvicorn
 
 from shared.logconfig import configure_logging
-from shared.settings import ConfigError, GatewaySettings
+from shared.settings import GatewaySettings, load_or_exit
 
 from .app import create_app
 
@@ -45,11 +44,7 @@ def uvicorn_config(settings: GatewaySettings, **overrides: object) -> uvicorn.Co
 
 
 def main() -> None:
-    try:
-        settings = GatewaySettings.from_env()
-    except ConfigError as exc:
-        print(f"portico-gateway: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    settings = load_or_exit(GatewaySettings, "portico-gateway")
     configure_logging(settings.log_level, f"gateway[{settings.gateway_id}]")
     GatewayServer(uvicorn_config(settings)).run()
 
