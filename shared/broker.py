@@ -87,6 +87,18 @@ class Subscription:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def last_message_age(self) -> float:
+        """Seconds since the last message or pong on the connection (inf before the first)."""
+        if self.last_message_at is None:
+            return float("inf")
+        return time.monotonic() - self.last_message_at
+
+    @property
+    def healthy(self) -> bool:
+        """Subscribed, and heard from Redis recently (a pong at least every probe interval)."""
+        return self.live and self.last_message_age <= self._stale_after
+
     async def run(self) -> None:
         failures = 0
         while not self._stopping.is_set():

@@ -57,6 +57,15 @@ class GatewayMetrics:
         self.redis_subscription_up = Gauge(
             f"{ns}_redis_subscription_up", "1 while the gateway channel subscription is live", registry=r
         )
+        self.redis_last_message_age = Gauge(
+            f"{ns}_redis_last_message_age_seconds",
+            "Seconds since the last message or pong on the gateway's subscription",
+            registry=r,
+        )
+        self.draining = Gauge(f"{ns}_draining", "1 while the gateway drains its sockets", registry=r)
+        self.requests_pending = Gauge(
+            f"{ns}_requests_pending", "Cart requests waiting for a fetcher's answer", registry=r
+        )
         self.push_latency = Histogram(
             f"{ns}_trigger_to_socket_seconds",
             "From the trigger's arrival at a fetcher to the socket write",
@@ -95,7 +104,18 @@ class FetcherMetrics:
             f"{ns}_deliveries_published_total", "Envelopes published to gateways", ["kind"], registry=r
         )
         self.shards_held = Gauge(f"{ns}_shards_held", "Shards this fetcher serves", registry=r)
+        self.shards_configured = Gauge(
+            f"{ns}_shards_configured", "SHARDS: how many shards all fetchers split between them", registry=r
+        )
         self.redis_subscription_up = Gauge(
             f"{ns}_redis_subscription_up", "1 while subscribed to session_messages", registry=r
+        )
+        self.redis_last_message_age = Gauge(
+            f"{ns}_redis_last_message_age_seconds",
+            "Seconds since the last message or pong on the fetcher's subscription",
+            registry=r,
+        )
+        self.work_pending = Gauge(
+            f"{ns}_work_pending", "Sessions waiting for or in a fetch", registry=r
         )
         self.db_up = Gauge(f"{ns}_database_up", "1 while the last database check succeeded", registry=r)

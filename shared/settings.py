@@ -161,6 +161,7 @@ class GatewaySettings:
     ws_ping_interval_seconds: float = 30.0
     server_ping_interval_seconds: float = 60.0
     per_message_deflate: bool = False
+    drain_seconds: float = 10.0
     log_level: str = "INFO"
 
     @classmethod
@@ -186,6 +187,7 @@ class GatewaySettings:
                 "SERVER_PING_INTERVAL_SECONDS", 60.0, low=1.0, high=3600.0
             ),
             per_message_deflate=env.flag("WS_PER_MESSAGE_DEFLATE", False),
+            drain_seconds=env.number("DRAIN_SECONDS", 10.0, low=0.0, high=3600.0),
             log_level=_log_level(env),
         )
 

@@ -249,6 +249,6 @@ async def test_stopping_gateway_tells_tabs_to_reconnect_and_releases_its_session
     stack.gateways.remove(first)
     assert await tab.wait_closed() == 1001
     [notice] = tab.of_type("reconnect_required")
-    assert 500 <= notice["retryAfterMs"] <= 3000
+    assert 0 <= notice["retryAfterMs"] <= 500, "spread over the drain window (0.5 s here)"
     assert await stack.fetchers[0].registry.owners(session_key(SID)) == ["gw2"]
     assert other.closed_code is None

@@ -30,7 +30,11 @@ def create_app(settings: FetcherSettings) -> Starlette:
             await store.close()
 
     def ready() -> dict[str, bool]:
-        return {"redis_subscription": fetcher.subscription.live, "database": fetcher.db_ok}
+        return {
+            "redis_subscription": fetcher.subscription.healthy,
+            "database": fetcher.db_ok,
+            "not_stopping": not fetcher.stopping,
+        }
 
     app = Starlette(routes=health_routes(ready, fetcher.metrics.registry), lifespan=lifespan)
     app.state.fetcher = fetcher

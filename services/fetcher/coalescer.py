@@ -84,6 +84,10 @@ class WorkCoalescer:
         if sid not in self._running:  # else: queued when the running fetch ends
             self._ready.put_nowait(sid)
 
+    def __len__(self) -> int:
+        """Sessions waiting for or in a fetch."""
+        return len(self._running) + len(self._pending)
+
     def busy_sessions(self) -> Iterator[str]:
         yield from self._running
         yield from self._pending

@@ -88,6 +88,11 @@ class Fetcher:
             on_state=lambda up: self.metrics.redis_subscription_up.set(1 if up else 0),
         )
         self.db_ok = False
+        self.stopping = False
+        self.metrics.redis_last_message_age.set_function(lambda: self.subscription.last_message_age)
+        self.metrics.work_pending.set_function(lambda: len(self.coalescer))
+        self.metrics.shards_held.set_function(lambda: len(self.leases.held()))
+        self.metrics.shards_configured.set(settings.shards)
         self._tasks: list[asyncio.Task[None]] = []
         self._retries: set[asyncio.TimerHandle] = set()
 
@@ -104,6 +109,7 @@ class Fetcher:
 
     async def stop(self) -> None:
         """Stop taking work, finish what is in flight (bounded), hand the shards over."""
+        self.stopping = True
         self.subscription.stop()
         for handle in self._retries:
             handle.cancel()
@@ -120,7 +126,7 @@ class Fetcher:
 
     @property
     def ready(self) -> bool:
-        return self.subscription.live and self.db_ok
+        return self.subscription.healthy and self.db_ok and not self.stopping
 
     async def _watch_database(self) -> None:
         while True:

@@ -107,6 +107,8 @@ class Gateway:
         self._tokens = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics.redis_last_message_age.set_function(lambda: self.subscription.last_message_age)
+        self.metrics.requests_pending.set_function(lambda: len(self.pending))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -125,24 +127,38 @@ class Gateway:
         log.info("gateway %s started: %r", self.id, self.settings)
 
     async def drain(self) -> None:
-        """Stop taking sockets, tell every tab to reconnect elsewhere, close them with 1001.
+        """Hand every tab over to the other gateways without a stampede or a lost update.
 
-        Runs before uvicorn closes the remaining connections itself (see `main.GatewayServer`).
+        Readiness turns false and new handshakes are refused at once. Every tab is told
+        `reconnect_required` with a `retryAfterMs` spread over the drain window; tabs that do
+        not close by themselves are closed with 1001, paced evenly over the same window (old
+        clients reconnect a fixed time after the close). Until its socket closes a tab is
+        still served: the subscription and the session leases stay up during the drain.
+        Runs before uvicorn closes the remaining connections itself (`main.GatewayServer`).
         """
         if self.draining:
             return
         self.draining = True
-        for client in list(self.clients.values()):
+        self.metrics.draining.set(1)
+        window = self.settings.drain_seconds
+        clients = list(self.clients.values())
+        random.shuffle(clients)
+        log.info("draining %d socket(s) over %.1fs", len(clients), window)
+        for client in clients:
             self._send(
                 client,
                 {
                     "type": "reconnect_required",
-                    "message": "Server restarting",
-                    "retryAfterMs": random.randint(500, 3000),  # spread the reconnects
+                    "message": "This server is restarting; please reconnect",
+                    "retryAfterMs": random.randint(0, int(window * 1000)),
                 },
             )
+        started = time.monotonic()
+        for i, client in enumerate(clients):
+            due = started + window * i / len(clients)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             client.outbox.close_after_flush(CloseCode.GOING_AWAY, "server restarting")
-        writers = [c.writer for c in self.clients.values() if c.writer is not None]
+        writers = [c.writer for c in clients if c.writer is not None and not c.writer.done()]
         if writers:
             await asyncio.wait(writers, timeout=5)
 
@@ -160,7 +176,7 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.subscription.live and not self.draining
+        return self.subscription.healthy and not self.draining
 
     # -- sockets ---------------------------------------------------------------------------
 
@@ -506,7 +522,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await gateway.stop()
 
     def ready() -> dict[str, bool]:
-        return {"redis_subscription": gateway.subscription.live, "not_draining": not gateway.draining}
+        return {"redis_subscription": gateway.subscription.healthy, "not_draining": not gateway.draining}
 
     routes = [
         WebSocketRoute("/wss", gateway.serve),

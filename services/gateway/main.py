@@ -13,10 +13,13 @@ from .app import create_app
 
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn closes open WebSockets (1012) before the app's shutdown runs; drain first, so
-    that tabs hear `reconnect_required` and a 1001 they know how to handle."""
+    """uvicorn's shutdown closes every WebSocket at once (1012) before the app's shutdown runs.
+    Ours first stops listening, then drains the sockets paced over DRAIN_SECONDS
+    (`Gateway.drain`), then lets uvicorn finish."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # stop accepting: the load balancer sends new tabs elsewhere
         app = self.config.loaded_app
         while not hasattr(app, "state"):  # unwrap uvicorn's middleware
             app = app.app

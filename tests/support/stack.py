@@ -66,6 +66,7 @@ class Stack:
             gateway_id=f"gw{n}",
             ownership_ttl_seconds=3.0,
             request_timeout_seconds=5.0,
+            drain_seconds=0.5,
             **{**self.gateway_env, **overrides},
         )
         server = GatewayServer(uvicorn_config(settings, log_level="warning"))

@@ -67,3 +67,64 @@ class Tab:
     async def close(self) -> None:
         await self.ws.close()
         await asyncio.wait_for(self._reader, 5)
+
+
+class ReconnectingTab:
+    """A tab that behaves like the browser client: on a close it waits (the `retryAfterMs` of a
+    `reconnect_required`, else a short back-off) and reconnects to the first gateway that
+    accepts, keeping one record of everything received across connections."""
+
+    def __init__(self, urls: list[str], session: str) -> None:
+        self.urls = urls
+        self.session = session
+        self.frames: list[dict[str, Any]] = []
+        self.connected_to: str | None = None
+        self.closes: list[tuple[float, int | None]] = []  # (loop time, close code)
+        self.connects: list[tuple[float, str]] = []  # (loop time, url)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> ReconnectingTab:
+        self._task = asyncio.create_task(self._run())
+        await eventually(lambda: self.connected_to is not None, what="first connection")
+        return self
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for url in self.urls:
+                try:
+                    ws = await connect(
+                        url,
+                        additional_headers={"Cookie": f"bookingfrontendsession={self.session}"},
+                        proxy=None,
+                        open_timeout=2,
+                    )
+                except Exception:
+                    continue
+                self.connected_to = url
+                self.connects.append((loop.time(), url))
+                retry_after = 0.1
+                try:
+                    async for raw in ws:
+                        message = json.loads(raw)
+                        self.frames.append(message)
+                        if message.get("type") == "reconnect_required":
+                            retry_after = message.get("retryAfterMs", 100) / 1000
+                            await ws.close()
+                except Exception:
+                    pass
+                self.connected_to = None
+                self.closes.append((loop.time(), ws.close_code))
+                await asyncio.sleep(retry_after)
+                break
+            else:
+                await asyncio.sleep(0.1)
+
+    def last_cart_count(self) -> int | None:
+        carts = [f for f in self.frames if f.get("type") == "partial_applications_response"]
+        return carts[-1]["data"].get("count") if carts else None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
