@@ -115,7 +115,5 @@ class FetcherMetrics:
             "Seconds since the last message or pong on the fetcher's subscription",
             registry=r,
         )
-        self.work_pending = Gauge(
-            f"{ns}_work_pending", "Sessions waiting for or in a fetch", registry=r
-        )
+        self.work_pending = Gauge(f"{ns}_work_pending", "Sessions waiting for or in a fetch", registry=r)
         self.db_up = Gauge(f"{ns}_database_up", "1 while the last database check succeeded", registry=r)

@@ -83,8 +83,12 @@ async def test_sigterm_drains_tabs_to_another_gateway_without_losing_a_push(stac
         exited_after = asyncio.get_running_loop().time() - started
         assert exited_after < DRAIN_SECONDS + 10, "exits well before a 30 s grace period"
 
-        await eventually(lambda: all(t.connected_to == url_b for t in tabs), 2 * DRAIN_SECONDS + 5, what="all on B")
-        await eventually(lambda: all(t.last_cart_count() == 2 for t in tabs), 10, what="mid-drain push everywhere")
+        await eventually(
+            lambda: all(t.connected_to == url_b for t in tabs), 2 * DRAIN_SECONDS + 5, what="all on B"
+        )
+        await eventually(
+            lambda: all(t.last_cart_count() == 2 for t in tabs), 10, what="mid-drain push everywhere"
+        )
         arrivals = [next(at for at, url in t.connects if url == url_b) - started for t in tabs]
         assert 0 < moved < TABS, f"reconnects are paced, not all-at-once ({moved} moved at half-time)"
         assert max(arrivals) - min(arrivals) > DRAIN_SECONDS / 3, "arrivals on B spread over the window"

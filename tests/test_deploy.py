@@ -1,0 +1,192 @@
+"""Deployment artifacts: Kubernetes overlays, the compose stack, Dockerfiles, dashboard, alerts."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from shared.metrics import FetcherMetrics, GatewayMetrics
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+KUBERNETES_VERSION = "1.33.0"
+OPERATOR_KINDS = {"PodMonitor", "PrometheusRule"}  # CRDs: no upstream schema to validate against
+DASHBOARD = K8S / "base" / "observability" / "grafana-dashboard.json"
+ALERTS = K8S / "base" / "observability" / "alerts.yml"
+
+
+def render(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (.ci/run installs it)")
+    version = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True).stdout
+    found = re.search(r"Kustomize Version: v(\d+)", version)
+    if not found or int(found.group(1)) < 5:
+        pytest.skip(f"kubectl's kustomize is older than v5: {version.strip()!r}")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(objects: list[dict], kind: str, name: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"].startswith(name))
+
+
+def test_there_are_dev_and_production_overlays():
+    assert {"dev", "production"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_every_object_validates(overlay: str):
+    objects = render(overlay)
+    kinds = {o["kind"] for o in objects}
+    assert {
+        "Deployment",
+        "Service",
+        "Ingress",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ConfigMap",
+        "NetworkPolicy",
+        "PodMonitor",
+        "PrometheusRule",
+    } <= kinds
+    for obj in objects:
+        if obj["kind"] in OPERATOR_KINDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["spec"]
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    assert all(o["metadata"].get("namespace") for o in objects), "the overlay sets a namespace"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_rollout_drains_inside_the_grace_period(overlay: str):
+    objects = render(overlay)
+    gateway = by_kind(objects, "Deployment", "portico-push-gateway")["spec"]["template"]["spec"]
+    config = by_kind(objects, "ConfigMap", "portico-push-config")["data"]
+    container = gateway["containers"][0]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(config["DRAIN_SECONDS"])
+    assert gateway["terminationGracePeriodSeconds"] >= pre_stop + drain + 10
+    env = {e["name"]: e for e in container["env"]}
+    assert env["GATEWAY_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert gateway["securityContext"]["runAsNonRoot"] is True
+    assert gateway["topologySpreadConstraints"]
+    service = by_kind(objects, "Service", "portico-push-gateway")["spec"]
+    assert service.get("sessionAffinity", "None") == "None", "no sticky sessions needed"
+    fetcher = by_kind(objects, "Deployment", "portico-push-fetcher")["spec"]["template"]["spec"]
+    assert fetcher["containers"][0]["env"][0]["name"] == "FETCHER_ID"
+
+
+def test_production_needs_no_credentials_in_git_and_dev_generates_them():
+    assert not any(o["kind"] == "Secret" for o in render("production"))
+    assert any(o["kind"] == "Secret" for o in render("dev"))
+    example = yaml.safe_load((K8S / "base" / "secret.example.yaml").read_text())
+    kubernetes_validate.validate(example, KUBERNETES_VERSION, strict=True)
+    assert set(example["stringData"]) == {"REDIS_URL", "DATABASE_URL"}
+
+
+def test_prometheus_rule_carries_the_alerts_file():
+    rule = yaml.safe_load((K8S / "base" / "prometheus-rule.yaml").read_text())
+    assert rule["spec"] == yaml.safe_load(ALERTS.read_text())
+
+
+def catalog() -> set[str]:
+    names = set()
+    for metrics in (GatewayMetrics(), FetcherMetrics()):
+        for family in metrics.registry.collect():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(
+                family.type, [""]
+            )
+            names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def queried_metrics() -> dict[str, set[str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = {"dashboard": [t["expr"] for p in dashboard["panels"] for t in p["targets"]]}
+    exprs["alerts"] = [r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    return {
+        where: {m for e in found for m in re.findall(r"\bportico_[a-z0-9_]+", e)}
+        for where, found in exprs.items()
+    }
+
+
+def test_every_metric_the_dashboard_and_alerts_query_exists_in_the_catalog():
+    known = catalog()
+    for where, used in queried_metrics().items():
+        assert used, f"{where} queries no portico metric?"
+        assert used <= known, f"{where} queries unknown metrics: {sorted(used - known)}"
+
+
+def test_the_catalog_check_catches_a_typo():
+    """The check above must be able to fail."""
+    assert "portico_gateway_connection" not in catalog()
+    assert "portico_gateway_connections" in catalog()
+
+
+def test_compose_file_validates_and_is_consistent():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {
+        "redis",
+        "postgres",
+        "gateway-1",
+        "gateway-2",
+        "fetcher-1",
+        "fetcher-2",
+        "proxy",
+        "prometheus",
+        "grafana",
+    } <= set(services)
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    prometheus = yaml.safe_load((ROOT / "deploy" / "compose" / "prometheus.yml").read_text())
+    targets = {
+        t.split(":")[0]
+        for job in prometheus["scrape_configs"]
+        for c in job["static_configs"]
+        for t in c["targets"]
+    }
+    assert targets == {n for n in services if n.startswith(("gateway-", "fetcher-"))}, (
+        "Prometheus scrapes every service"
+    )
+    nginx = (ROOT / "deploy" / "compose" / "nginx.conf").read_text()
+    assert set(re.findall(r"server (gateway-\d):8080", nginx)) == {
+        n for n in services if n.startswith("gateway-")
+    }
+    assert "proxy_read_timeout" in nginx and "Upgrade" in nginx
+    docker_compose = shutil.which("docker-compose")
+    if docker_compose is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    result = subprocess.run(
+        [docker_compose, "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("service", ["gateway", "fetcher"])
+def test_dockerfile_is_multi_stage_pinned_non_root_exec_form_with_a_real_healthcheck(service: str):
+    text = (ROOT / "services" / service / "Dockerfile").read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base.group(1)), "pinned slim base"
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2, "multi-stage"
+    user = re.search(r"^USER (\S+)$", text, re.M)
+    assert user and not user.group(1).startswith(("root", "0")), "non-root"
+    entrypoint = re.search(r"^ENTRYPOINT (.+)$", text, re.M)
+    assert entrypoint and json.loads(entrypoint.group(1)) == [f"portico-{service}"], "exec form"
+    assert re.search(r"HEALTHCHECK .*\n?.*CMD \[.*/healthz", text), "the health check calls /healthz"
