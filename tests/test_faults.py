@@ -172,3 +172,26 @@ async def test_a_dead_fetchers_shards_are_taken_over_and_its_sessions_converge(s
         await eventually(lambda tab=tab: last_count(tab) == 2, 20, what="converged via takeover")
     await eventually(lambda: len(survivor.leases.held()) == survivor.settings.shards, 10)
     await dead.client.aclose()
+
+
+async def test_a_fetcher_stopping_gracefully_mid_traffic_loses_no_final_state(stack: Stack, db, redis_url):
+    """SIGTERM path of a fetcher (`Fetcher.stop`): stop taking triggers, finish in-flight
+    fetches, free the shards. Triggers sent around it may land in the hand-over gap; every
+    session must still end on its latest cart."""
+    sessions = [f"handover-{i}" for i in range(12)]
+    tabs = []
+    for sid in sessions:
+        await add_application(db, sid)
+        tab = await Tab.open(stack.gateways[len(tabs) % 2].url, session=sid)
+        await tab.wait_pushes(1)
+        tabs.append(tab)
+    leaving = stack.fetchers[0]
+    stopping = asyncio.create_task(leaving.stop())
+    for sid in sessions:
+        await add_application(db, sid)
+        await trigger(redis_url, sid)
+    await stopping
+    stack.fetchers.remove(leaving)
+    for tab in tabs:
+        await eventually(lambda tab=tab: last_count(tab) == 2, 20, what="latest cart after hand-over")
+    await eventually(lambda: len(stack.fetchers[0].leases.held()) == stack.fetchers[0].settings.shards, 10)
