@@ -8,18 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Fixed by the PHP backend (PROTOCOL.md §6): not prefixed, never renamed.
+# Fixed by the PHP backend (PROTOCOL.md §6): not prefixed, never renamed. Read by fetchers.
 SESSION_MESSAGES_CHANNEL = "session_messages"
+NOTIFICATIONS_CHANNEL = "notifications"
+ROOM_MESSAGES_CHANNEL = "room_messages"
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "portico:"
 
-    def session_owners(self, session_key: str) -> str:
-        """ZSET gateway_id -> lease expiry (ms, Redis clock). Written by gateways (claim/refresh/
+    def route_owners(self, route: str) -> str:
+        """ZSET gateway_id -> lease expiry (ms, Redis clock): the gateways holding a socket of a
+        route. A route is a session key (a session's tabs) or `room:<room id>` (an entity or
+        user room, see `shared.protocol.room_route`). Written by gateways (claim/refresh/
         release), read by fetchers and gateways (owners). Key TTL = ownership TTL, refreshed."""
-        return f"{self.prefix}session:{session_key}:owners"
+        if route.startswith("room:"):
+            return f"{self.prefix}{route}:owners"
+        return f"{self.prefix}session:{route}:owners"
 
     def session_seq(self, session_key: str) -> str:
         """STRING last cart `seq` of a session. Written by fetchers only (never below the Redis
@@ -33,8 +39,8 @@ class Keys:
 
     @property
     def gateways_channel(self) -> str:
-        """CHANNEL msgpack control messages to every gateway (e.g. "resync these shards").
-        Published by fetchers, read by all gateways."""
+        """CHANNEL msgpack messages to every gateway: control ("resync these shards") and
+        broadcasts for every socket. Published by fetchers, read by all gateways."""
         return f"{self.prefix}gateways"
 
     @property

@@ -67,9 +67,37 @@ def room_id_for_key(key: str) -> str:
     return "session_" + key[:16]
 
 
-def shard_of(key: str, shards: int) -> int:
-    """Which fetcher shard serves a session key. Every gateway and fetcher must agree."""
-    return int(key[:8], 16) % shards
+_ROOM_PART = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def is_valid_room_part(value: object) -> bool:
+    """An entity type/id or user type/identifier usable in a room name (and a Redis key)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return isinstance(value, str) and _ROOM_PART.fullmatch(value) is not None
+
+
+def entity_room_id(entity_type: object, entity_id: object) -> str:
+    return f"entity_{entity_type}_{entity_id}"
+
+
+def user_room_id(user_type: object, identifier: object) -> str:
+    return f"user_{user_type}_{identifier}"
+
+
+def room_route(room_id: str) -> str:
+    """The ownership route of an entity or user room (see `Keys.route_owners`)."""
+    return "room:" + room_id
+
+
+def shard_of(route: str, shards: int) -> int:
+    """Which fetcher shard serves a route (a session key, or a `room:` route). Every gateway
+    and fetcher must agree."""
+    digest = route if not route.startswith("room:") else hashlib.sha256(route.encode()).hexdigest()
+    return int(digest[:8], 16) % shards
+
+
+BROADCAST_ROUTE = "room:*broadcast"  # only picks the one fetcher that publishes broadcasts
 
 
 def now_iso() -> str:

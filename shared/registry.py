@@ -1,16 +1,16 @@
-"""Session ownership: which gateways hold at least one socket of a session.
+"""Ownership: which gateways hold at least one socket of a route (a session, or a room).
 
 Contract (`OwnershipRegistry`):
-  * `claim(keys)`  makes this gateway an owner of each session for `ttl` from now (Redis clock);
+  * `claim(keys)`  makes this gateway an owner of each route for `ttl` from now (Redis clock);
                    calling it again refreshes the lease. Atomic per call.
-  * `release(keys)` removes this gateway as owner at once (last local socket gone).
+  * `release(keys)` removes this gateway as owner at once (its last local socket of it gone).
   * `owners(key)`  lists the gateways whose lease has not expired. A gateway that dies without
                    releasing stops being listed `ttl` after its last refresh.
 An owner listed here may already have lost its socket (release in flight): deliveries to it are
 dropped there, never misrouted. A gateway that holds a socket is always listed once its claim
 returned, as long as it keeps refreshing.
 
-Redis layout: `Keys.session_owners(key)` is a ZSET gateway_id -> expiry ms; expiry uses the
+Redis layout: `Keys.route_owners(key)` is a ZSET gateway_id -> expiry ms; expiry uses the
 Redis server's clock (TIME inside the scripts), so pods' clock skew does not matter.
 """
 
@@ -64,18 +64,18 @@ class RedisOwnershipRegistry:
     async def claim(self, keys: Sequence[str]) -> None:
         for batch in _batches(keys, CLAIM_BATCH):
             await self._claim(
-                keys=[self._keys.session_owners(k) for k in batch],
+                keys=[self._keys.route_owners(k) for k in batch],
                 args=[self._owner_id, self._ttl_ms],
             )
 
     async def release(self, keys: Sequence[str]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.zrem(self._keys.session_owners(key), self._owner_id)
+                pipe.zrem(self._keys.route_owners(key), self._owner_id)
             await pipe.execute()
 
     async def owners(self, key: str) -> list[str]:
-        result = await self._owners(keys=[self._keys.session_owners(key)])
+        result = await self._owners(keys=[self._keys.route_owners(key)])
         return [o.decode() if isinstance(o, bytes) else str(o) for o in result]
 
 

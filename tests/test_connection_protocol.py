@@ -7,7 +7,9 @@ import json
 from services.gateway.connection import (
     Close,
     ConnectionProtocol,
+    JoinRoom,
     JoinSession,
+    LeaveRoom,
     Limits,
     RelayToSession,
     RequestCart,
@@ -144,17 +146,47 @@ def test_binary_closes_1003():
     assert ConnectionProtocol().on_binary() == [Close(1003, "binary frames are not supported")]
 
 
-def test_user_info():
+def test_user_info_joins_the_user_room():
     proto = ConnectionProtocol()
-    [confirm] = sent(proto.on_text('{"type":"update_user_info","userId":"17"}'))
-    assert confirm == {
-        "type": "user_info_update_confirmation",
-        "success": True,
-        "message": "User info updated",
-        "userId": 17,
-    }
+    [join] = proto.on_text('{"type":"update_user_info","userId":"17"}')
+    assert join == JoinRoom(
+        "user_bookinguser_17",
+        (
+            {
+                "type": "user_info_update_confirmation",
+                "success": True,
+                "message": "User info updated",
+                "userId": 17,
+            },
+        ),
+    )
+    leave, join = proto.on_text('{"type":"update_user_info","userId":18,"userType":"admin"}')
+    assert leave == LeaveRoom("user_bookinguser_17") and join.room_id == "user_admin_18"
+    assert proto.rooms == {"user_admin_18"}
     for bad in ['"x"', "true", "1.5", "null", '"1e3"']:
         [error] = sent(proto.on_text(f'{{"type":"update_user_info","userId":{bad}}}'))
+        assert error["code"] == "INVALID_MESSAGE"
+
+
+def test_subscribe_and_unsubscribe():
+    proto = ConnectionProtocol(Limits(max_rooms=2))
+    [join] = proto.on_text('{"type":"subscribe","entityType":"resource","entityId":5}')
+    joined, confirmation = join.replies
+    assert join.room_id == "entity_resource_5" and joined["roomType"] == "entity" and joined["entityId"] == 5
+    assert confirmation == {
+        "type": "subscription_confirmation",
+        "entityType": "resource",
+        "entityId": 5,
+        "status": "subscribed",
+    }
+    proto.on_text('{"type":"subscribe","entityType":"resource","entityId":6}')
+    [error] = sent(proto.on_text('{"type":"subscribe","entityType":"resource","entityId":7}'))
+    assert error["code"] == "INVALID_MESSAGE" and "At most 2" in error["message"]
+    [leave] = proto.on_text('{"type":"unsubscribe","entityType":"resource","entityId":5}')
+    assert leave.room_id == "entity_resource_5" and leave.replies[0]["status"] == "unsubscribed"
+    assert proto.rooms == {"entity_resource_6"}
+    for bad in ['"entityType":"a b","entityId":1', '"entityType":"x"', '"entityType":"x","entityId":{}']:
+        [error] = sent(proto.on_text(f'{{"type":"subscribe",{bad}}}'))
         assert error["code"] == "INVALID_MESSAGE"
 
 

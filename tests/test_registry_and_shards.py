@@ -35,7 +35,7 @@ async def test_claim_release_and_expiry(client, prefix):
     # gw1 "dies": no refresh, no release. It stops counting as an owner within its TTL.
     await eventually(lambda: gw2.owners("s2"), 0.1)  # still there now
     await eventually(lambda: _empty(gw2.owners("s2")), 3, what="dead gateway expired")
-    assert await client.exists(keys.session_owners("s2")) == 0, "the key itself expires"
+    assert await client.exists(keys.route_owners("s2")) == 0, "the key itself expires"
 
 
 async def _empty(coro) -> bool:

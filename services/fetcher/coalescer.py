@@ -1,4 +1,4 @@
-"""Per-session coalescing of fetch work, with bounded concurrency.
+"""Per-session coalescing of fetch work (and ordered room deliveries), with bounded concurrency.
 
 Guarantees:
   * at most one fetch per session runs at a time (so a session's snapshots are read, numbered
@@ -26,13 +26,19 @@ JOIN = "join"  # a tab joined the session: send it the cart as a push
 class SessionWork:
     """What one fetch of a session must deliver."""
 
-    session_id: str
+    session_id: str  # "" for room and broadcast work
     push_all: bool = False  # a trigger: push to every tab on every owning gateway
     refresh_gateways: set[str] = field(default_factory=set)  # push to all tabs on these
     requests: list[tuple[str, int, str]] = field(default_factory=list)  # (gateway, token, GET|JOIN)
     frames: list[str] = field(default_factory=list)  # routed messages for the tabs, in order
     received_at: float | None = None  # wall-clock arrival of the oldest trigger merged in
     attempt: int = 0  # retries after database errors
+    route: str | None = None  # a `room:` route or the broadcast: frames only, no cart
+
+    @property
+    def key(self) -> str:
+        """What work is serialised and merged by: the session, or the room route."""
+        return self.route or self.session_id
 
     def merge(self, other: SessionWork) -> None:
         self.push_all = self.push_all or other.push_all
@@ -72,7 +78,7 @@ class WorkCoalescer:
         self._workers = []
 
     def submit(self, work: SessionWork) -> None:
-        sid = work.session_id
+        sid = work.key
         self._idle.clear()
         pending = self._pending.get(sid)
         if pending is not None:

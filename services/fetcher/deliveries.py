@@ -61,3 +61,10 @@ def plan_frame_deliveries(
 ) -> dict[str, dict[str, Any]]:
     envelope = {"kind": codec.FRAME, "key": session_key, "frame": frame, "received_at": received_at}
     return {gateway: envelope for gateway in owners}
+
+
+def plan_room_deliveries(
+    room: str, owners: Iterable[str], frame: str, received_at: float | None
+) -> dict[str, dict[str, Any]]:
+    envelope = {"kind": codec.FRAME, "room": room, "frame": frame, "received_at": received_at}
+    return {gateway: envelope for gateway in owners}

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,17 +19,31 @@ import redis.asyncio as aioredis
 from shared import codec
 from shared.broker import Subscription, create_client
 from shared.codec import dumps
-from shared.keys import SESSION_MESSAGES_CHANNEL, Keys
+from shared.keys import NOTIFICATIONS_CHANNEL, ROOM_MESSAGES_CHANNEL, SESSION_MESSAGES_CHANNEL, Keys
 from shared.metrics import FetcherMetrics
-from shared.protocol import is_valid_session_id, mask_session_id, now_iso, session_key, shard_of
+from shared.protocol import (
+    BROADCAST_ROUTE,
+    is_valid_session_id,
+    mask_session_id,
+    now_iso,
+    session_key,
+    shard_of,
+)
 from shared.registry import RedisOwnershipRegistry
 from shared.settings import FetcherSettings
 
 from .coalescer import GET, JOIN, SessionWork, WorkCoalescer
-from .deliveries import CartSnapshot, plan_cart_deliveries, plan_frame_deliveries
+from .deliveries import CartSnapshot, plan_cart_deliveries, plan_frame_deliveries, plan_room_deliveries
 from .shards import ShardLeases
 from .store import CartStore, CartStoreError
-from .triggers import UPDATE_PARTIAL_APPLICATIONS, InvalidInput, parse_session_message
+from .triggers import (
+    UPDATE_PARTIAL_APPLICATIONS,
+    InvalidInput,
+    Routed,
+    parse_notification,
+    parse_room_message,
+    parse_session_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +96,12 @@ class Fetcher:
         )
         self.subscription = Subscription(
             settings.redis.url,
-            [SESSION_MESSAGES_CHANNEL, self.keys.fetcher_requests_channel],
+            [
+                SESSION_MESSAGES_CHANNEL,
+                NOTIFICATIONS_CHANNEL,
+                ROOM_MESSAGES_CHANNEL,
+                self.keys.fetcher_requests_channel,
+            ],
             self._on_message,
             self._on_subscribed,
             name=f"fetcher {settings.fetcher_id}",
@@ -145,14 +165,38 @@ class Fetcher:
     async def _on_message(self, channel: str, data: bytes) -> None:
         if channel == SESSION_MESSAGES_CHANNEL:
             self._on_trigger(data)
+        elif channel == NOTIFICATIONS_CHANNEL:
+            self._on_routed(channel, data, parse_notification)
+        elif channel == ROOM_MESSAGES_CHANNEL:
+            self._on_routed(channel, data, parse_room_message)
         else:
             self._on_request(data)
 
     def _serves(self, session_id: str) -> bool:
-        if self.leases.owns(shard_of(session_key(session_id), self.settings.shards)):
+        return self._serves_route(session_key(session_id))
+
+    def _serves_route(self, route: str) -> bool:
+        if self.leases.owns(shard_of(route, self.settings.shards)):
             return True
         self.metrics.triggers_other_shard.inc()
         return False
+
+    def _on_routed(self, channel: str, data: bytes, parse: Callable[[bytes, int], Routed]) -> None:
+        received_at = time.time()
+        try:
+            routed = parse(data, self.settings.max_payload_bytes)
+        except InvalidInput as exc:
+            self.metrics.triggers_invalid.labels(exc.reason).inc()
+            log.warning("%s: dropped invalid payload (%s)", channel, exc)
+            return
+        if not self._serves_route(routed.route):
+            return
+        self.metrics.triggers.labels(channel).inc()
+        if routed.session_id is not None:
+            work = SessionWork(routed.session_id, frames=[routed.frame], received_at=received_at)
+        else:
+            work = SessionWork("", frames=[routed.frame], received_at=received_at, route=routed.route)
+        self.coalescer.submit(work)
 
     def _on_trigger(self, data: bytes) -> None:
         received_at = time.time()
@@ -205,6 +249,9 @@ class Fetcher:
     # -- work ------------------------------------------------------------------------------
 
     async def _run_work(self, work: SessionWork) -> None:
+        if work.route is not None:
+            await self._deliver_to_route(work)
+            return
         key = session_key(work.session_id)
         owners = await self.registry.owners(key) if work.push_all or work.frames else []
         if work.frames:
@@ -223,6 +270,24 @@ class Fetcher:
         await self._publish(envelopes, "cart")
         if snapshot.error is not None and (work.push_all or work.refresh_gateways):
             self._schedule_retry(work)
+
+    async def _deliver_to_route(self, work: SessionWork) -> None:
+        if work.route == BROADCAST_ROUTE:
+            # One fetcher publishes it once on the all-gateways channel: every gateway once,
+            # every socket once.
+            for frame in work.frames:
+                envelope = {"kind": codec.FRAME, "broadcast": True, "frame": frame, "received_at": work.received_at}
+                await self.client.publish(self.keys.gateways_channel, codec.pack(envelope))
+            self.metrics.deliveries_published.labels("broadcast").inc(len(work.frames))
+            return
+        assert work.route is not None
+        owners = await self.registry.owners(work.route)
+        if not owners:
+            self.metrics.triggers_unheld.inc(len(work.frames))
+            return
+        room = work.route.removeprefix("room:")
+        for frame in work.frames:
+            await self._publish(plan_room_deliveries(room, owners, frame, work.received_at), "room")
 
     async def _read_snapshot(self, session_id: str, seq: int) -> CartSnapshot:
         started = time.perf_counter()
@@ -275,16 +340,16 @@ class Fetcher:
         envelope = {"kind": codec.RESYNC, "shards": shards, "of": self.settings.shards}
         await self.client.publish(self.keys.gateways_channel, codec.pack(envelope))
 
+    def _shard_of_work(self, key: str) -> int:
+        """The shard of a coalescer key: a `room:` route, or a session id."""
+        return shard_of(key if key.startswith("room:") else session_key(key), self.settings.shards)
+
     async def _drain_shards(self, shards: list[int]) -> None:
         """Before a lease is freed: let running fetches of those shards publish (bounded)."""
         released = set(shards)
         deadline = time.monotonic() + self.settings.lease_ttl_seconds / 2
         while time.monotonic() < deadline:
-            busy = [
-                sid
-                for sid in self.coalescer.busy_sessions()
-                if shard_of(session_key(sid), self.settings.shards) in released
-            ]
+            busy = [key for key in self.coalescer.busy_sessions() if self._shard_of_work(key) in released]
             if not busy:
                 return
             await asyncio.sleep(0.05)

@@ -1,4 +1,5 @@
-"""Parsing what the PHP backend publishes on `session_messages` (PROTOCOL.md §5.1, §6).
+"""Parsing what the PHP backend publishes on `session_messages`, `notifications` and
+`room_messages` (PROTOCOL.md §5.1, §6).
 
 Pure: bytes in, a `Trigger` out, or `InvalidInput` with a reason that is safe to log and to use
 as a metric label (the session id in it is masked).
@@ -11,7 +12,18 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from shared.codec import dumps
-from shared.protocol import is_valid_session_id, mask_session_field, mask_session_id, now_iso
+from shared.protocol import (
+    BROADCAST_ROUTE,
+    entity_room_id,
+    is_valid_room_part,
+    is_valid_session_id,
+    mask_session_field,
+    mask_session_id,
+    now_iso,
+    room_route,
+    session_key,
+    user_room_id,
+)
 
 UPDATE_PARTIAL_APPLICATIONS: Final = "update_partial_applications"
 SESSION_TARGETED: Final = "session_targeted"
@@ -70,3 +82,71 @@ def parse_session_message(raw: bytes | str, max_bytes: int) -> Trigger:
 def _with_timestamp(message: dict[str, Any]) -> dict[str, Any]:
     message.setdefault("timestamp", now_iso())
     return message
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A message for the sockets of a route: a session key, a `room:` route, or the broadcast."""
+
+    route: str
+    frame: str
+    session_id: str | None = None  # set for session routes (the fetcher needs the id)
+
+
+def _load_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
+    if len(raw) > max_bytes:
+        raise InvalidInput("too_large", f"{len(raw)} bytes")
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidInput("not_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput("not_object")
+    return payload
+
+
+def parse_notification(raw: bytes | str, max_bytes: int) -> Routed:
+    """A `notifications` payload (PROTOCOL.md §6) -> where it goes and the frame to deliver."""
+    payload = _load_object(raw, max_bytes)
+    target = payload.get("target")
+    if target == "session":
+        session_id = payload.get("sessionId")
+        if not is_valid_session_id(session_id):
+            raise InvalidInput("bad_session_id")
+        assert isinstance(session_id, str)
+        if not isinstance(payload.get("type"), str):
+            payload["type"] = "notification"
+        frame = dumps(_with_timestamp(mask_session_field(payload)))
+        return Routed(session_key(session_id), frame, session_id)
+    if target == "entity":
+        entity_type, entity_id = payload.get("entityType"), payload.get("entityId")
+        if not (is_valid_room_part(entity_type) and is_valid_room_part(entity_id)):
+            raise InvalidInput("bad_room")
+        room = entity_room_id(entity_type, entity_id)
+        payload.setdefault("type", "entity_event")
+        payload.setdefault("roomId", room)
+        return Routed(room_route(room), dumps(_with_timestamp(mask_session_field(payload))))
+    if target == "user":
+        user_type, identifier = payload.get("userType"), payload.get("identifier")
+        if not (is_valid_room_part(user_type) and is_valid_room_part(identifier)):
+            raise InvalidInput("bad_room")
+        room = user_room_id(user_type, identifier)
+        payload.setdefault("type", "notification")
+        return Routed(room_route(room), dumps(_with_timestamp(mask_session_field(payload))))
+    if not isinstance(payload.get("type"), str):
+        raise InvalidInput("unknown_type")
+    payload["source"] = "redis"
+    payload["received_at"] = now_iso()
+    return Routed(BROADCAST_ROUTE, dumps(_with_timestamp(mask_session_field(payload))))
+
+
+def parse_room_message(raw: bytes | str, max_bytes: int) -> Routed:
+    """A `room_messages` payload: `{"type": "room_message", "roomId": ...}` for an entity or
+    user room's members."""
+    payload = _load_object(raw, max_bytes)
+    if payload.get("type") != "room_message":
+        raise InvalidInput("unknown_type")
+    room = payload.get("roomId")
+    if not isinstance(room, str) or not room.startswith(("entity_", "user_")) or not is_valid_room_part(room):
+        raise InvalidInput("bad_room")
+    return Routed(room_route(room), dumps(_with_timestamp(mask_session_field(payload))))

@@ -28,14 +28,16 @@ from shared.broker import Subscription, create_client
 from shared.health import health_routes
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
-from shared.protocol import CloseCode, mask_session_id, session_key, shard_of
+from shared.protocol import CloseCode, mask_session_id, room_route, session_key, shard_of
 from shared.registry import RedisOwnershipRegistry
 from shared.settings import GatewaySettings
 
 from .connection import (
     Close,
     ConnectionProtocol,
+    JoinRoom,
     JoinSession,
+    LeaveRoom,
     Limits,
     RelayToSession,
     RequestCart,
@@ -101,6 +103,7 @@ class Gateway:
         self.clients: dict[int, Client] = {}
         self.sessions: dict[str, set[Client]] = {}  # session key -> its sockets here
         self.session_ids: dict[str, str] = {}  # session key -> session id (for refreshes)
+        self.rooms: dict[str, set[Client]] = {}  # entity/user room id -> its sockets here
         self.pending: dict[int, PendingRequest] = {}
         self.draining = False
         self._ids = itertools.count(1)
@@ -165,7 +168,7 @@ class Gateway:
     async def stop(self) -> None:
         await self.drain()
         try:
-            await self.registry.release(list(self.sessions))
+            await self.registry.release(self._held_routes())
         except RedisError as exc:
             log.warning("could not release sessions on stop (%s); they expire by TTL", exc)
         self.subscription.stop()
@@ -252,6 +255,8 @@ class Gateway:
         if client.writer is not None and not client.writer.done():
             client.writer.cancel()
         await self._leave_session(client)
+        for room in list(client.protocol.rooms):
+            await self._leave_room(client, room)
 
     def _send(self, client: Client, message: dict[str, Any]) -> None:
         kind = str(message.get("type"))
@@ -287,6 +292,12 @@ class Gateway:
                 await self._request_cart(client, codec.GET, action.request_id, action.has_request_id)
             elif isinstance(action, RelayToSession):
                 await self._relay(client, action.message)
+            elif isinstance(action, JoinRoom):
+                await self._join_room(client, action)
+            elif isinstance(action, LeaveRoom):
+                await self._leave_room(client, action.room_id)
+                for message in action.replies:
+                    self._send(client, message)
             elif isinstance(action, Close):
                 client.outbox.close_after_flush(action.code, action.reason)
 
@@ -330,6 +341,37 @@ class Gateway:
         if key in self.sessions:  # a tab of it joined while the release was in flight
             await self._claim([key])
 
+    # -- entity and user rooms -------------------------------------------------------------
+
+    async def _join_room(self, client: Client, action: JoinRoom) -> None:
+        members = self.rooms.setdefault(action.room_id, set())
+        if client not in members:
+            members.add(client)
+            if len(members) == 1:
+                await self._claim([room_route(action.room_id)])
+        for message in action.replies:
+            if message.get("type") == "room_joined":
+                message = {**message, "roomSize": len(members)}
+            self._send(client, message)
+
+    async def _leave_room(self, client: Client, room: str) -> None:
+        members = self.rooms.get(room)
+        if members is None or client not in members:
+            return
+        members.discard(client)
+        if members:
+            return
+        del self.rooms[room]
+        try:
+            await self.registry.release([room_route(room)])
+        except RedisError as exc:
+            log.warning("release of a room failed (%s); the lease expires by TTL", exc)
+        if room in self.rooms:  # somebody joined while the release was in flight
+            await self._claim([room_route(room)])
+
+    def _held_routes(self) -> list[str]:
+        return [*self.sessions, *(room_route(room) for room in self.rooms)]
+
     async def _claim(self, keys: list[str]) -> None:
         try:
             await self.registry.claim(keys)
@@ -340,8 +382,9 @@ class Gateway:
         interval = self.settings.ownership_ttl_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            if self.sessions:
-                await self._claim(list(self.sessions))
+            routes = self._held_routes()
+            if routes:
+                await self._claim(routes)
 
     # -- requests to the fetchers ----------------------------------------------------------
 
@@ -425,8 +468,10 @@ class Gateway:
     async def _on_subscribed(self) -> None:
         # Deaf until now: re-register what we hold (Redis may have restarted empty) and ask
         # for fresh carts of every session here.
-        if self.sessions:
-            await self.registry.claim(list(self.sessions))
+        routes = self._held_routes()
+        if routes:
+            await self.registry.claim(routes)
+        if self.session_ids:
             await self._request_refresh(list(self.session_ids.values()))
 
     async def _on_delivery(self, channel: str, data: bytes) -> None:
@@ -492,7 +537,13 @@ class Gateway:
         if not isinstance(text, str):
             raise codec.CodecError("frame is not text")
         frame = Frame(text, "routed", received_at=envelope.get("received_at"))
-        for client in self.sessions.get(envelope["key"], ()):
+        if envelope.get("broadcast"):
+            members: Iterable[Client] = list(self.clients.values())
+        elif "room" in envelope:
+            members = self.rooms.get(envelope["room"], ())
+        else:
+            members = self.sessions.get(envelope["key"], ())
+        for client in members:
             self._enqueue(client, frame)
 
     async def _resync(self, envelope: dict[str, Any]) -> None:

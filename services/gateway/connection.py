@@ -19,14 +19,18 @@ from urllib.parse import urlsplit
 from shared.protocol import (
     CloseCode,
     ErrorCode,
+    entity_room_id,
     error_message,
+    is_valid_room_part,
     is_valid_session_id,
     mask_session_id,
     session_room_id,
+    user_room_id,
 )
 
 _INT_LIKE = re.compile(r"-?\d{1,18}")
 NO_SESSION_MESSAGE: Final = "No session found"
+DEFAULT_USER_TYPE: Final = "bookinguser"  # user room of update_user_info without userType
 
 
 # -- actions -------------------------------------------------------------------------------
@@ -62,12 +66,27 @@ class RelayToSession:
 
 
 @dataclass(frozen=True, slots=True)
+class JoinRoom:
+    """Join an entity or user room, then send `replies` (the driver adds `room_joined`'s
+    roomSize to the first one when it is a room_joined)."""
+
+    room_id: str
+    replies: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveRoom:
+    room_id: str
+    replies: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     code: int
     reason: str
 
 
-Action = Send | JoinSession | RequestCart | RelayToSession | Close
+Action = Send | JoinSession | RequestCart | RelayToSession | JoinRoom | LeaveRoom | Close
 
 
 # -- pure helpers --------------------------------------------------------------------------
@@ -137,6 +156,7 @@ class TokenBucket:
 class Limits:
     bad_message_burst: int = 10
     bad_message_refill_per_second: float = 0.2
+    max_rooms: int = 50  # entity subscriptions per socket
 
 
 # -- the protocol --------------------------------------------------------------------------
@@ -148,7 +168,9 @@ class ConnectionProtocol:
     clock: Callable[[], float] = time.monotonic
     session_id: str | None = None
     user_id: int | None = None
+    user_room: str | None = None
     session_required: bool = False  # connected without a session cookie
+    rooms: set[str] = field(default_factory=set)  # entity and user rooms joined
     closed: bool = False
     _bad: TokenBucket = field(init=False)
 
@@ -247,17 +269,65 @@ class ConnectionProtocol:
             user_id = int(user_id)
         if not isinstance(user_id, int) or isinstance(user_id, bool):
             return self._bad_message(ErrorCode.INVALID_MESSAGE, "userId must be an integer")
+        user_type = message.get("userType", DEFAULT_USER_TYPE)
+        if not is_valid_room_part(user_type):
+            return self._bad_message(ErrorCode.INVALID_MESSAGE, "userType must be a short identifier")
+        actions: list[Action] = []
+        previous = self.user_room
         self.user_id = user_id
-        return [
-            Send(
-                {
-                    "type": "user_info_update_confirmation",
-                    "success": True,
-                    "message": "User info updated",
-                    "userId": user_id,
-                }
+        self.user_room = user_room_id(user_type, user_id)
+        if previous is not None and previous != self.user_room:
+            self.rooms.discard(previous)
+            actions.append(LeaveRoom(previous))
+        self.rooms.add(self.user_room)
+        confirmation = {
+            "type": "user_info_update_confirmation",
+            "success": True,
+            "message": "User info updated",
+            "userId": user_id,
+        }
+        actions.append(JoinRoom(self.user_room, (confirmation,)))
+        return actions
+
+    def _on_subscribe(self, message: dict[str, Any]) -> list[Action]:
+        entity_type, entity_id = message.get("entityType"), message.get("entityId")
+        if not (is_valid_room_part(entity_type) and is_valid_room_part(entity_id)):
+            return self._bad_message(
+                ErrorCode.INVALID_MESSAGE, "entityType and entityId must be short identifiers (A-Z, 0-9, _ . : -)"
             )
-        ]
+        room = entity_room_id(entity_type, entity_id)
+        if room not in self.rooms and len(self.rooms) >= self.limits.max_rooms:
+            return self._bad_message(ErrorCode.INVALID_MESSAGE, f"At most {self.limits.max_rooms} subscriptions")
+        self.rooms.add(room)
+        joined = {
+            "type": "room_joined",
+            "roomId": room,
+            "roomType": "entity",
+            "entityType": entity_type,
+            "entityId": entity_id,
+            "message": f"Subscribed to {entity_type} {entity_id}",
+        }
+        confirmation = {
+            "type": "subscription_confirmation",
+            "entityType": entity_type,
+            "entityId": entity_id,
+            "status": "subscribed",
+        }
+        return [JoinRoom(room, (joined, confirmation))]
+
+    def _on_unsubscribe(self, message: dict[str, Any]) -> list[Action]:
+        entity_type, entity_id = message.get("entityType"), message.get("entityId")
+        if not (is_valid_room_part(entity_type) and is_valid_room_part(entity_id)):
+            return self._bad_message(ErrorCode.INVALID_MESSAGE, "entityType and entityId must be short identifiers")
+        room = entity_room_id(entity_type, entity_id)
+        self.rooms.discard(room)
+        confirmation = {
+            "type": "subscription_confirmation",
+            "entityType": entity_type,
+            "entityId": entity_id,
+            "status": "unsubscribed",
+        }
+        return [LeaveRoom(room, (confirmation,))]
 
     def _on_get_partial_applications(self, message: dict[str, Any]) -> list[Action]:
         has_request_id = "requestId" in message
@@ -305,6 +375,8 @@ _HANDLERS: dict[str, Callable[[ConnectionProtocol, dict[str, Any]], list[Action]
     "update_user_info": ConnectionProtocol._on_update_user_info,
     "get_partial_applications": ConnectionProtocol._on_get_partial_applications,
     "session_message": ConnectionProtocol._on_session_message,
+    "subscribe": ConnectionProtocol._on_subscribe,
+    "unsubscribe": ConnectionProtocol._on_unsubscribe,
 }
 
 
