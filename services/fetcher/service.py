@@ -276,7 +276,12 @@ class Fetcher:
             # One fetcher publishes it once on the all-gateways channel: every gateway once,
             # every socket once.
             for frame in work.frames:
-                envelope = {"kind": codec.FRAME, "broadcast": True, "frame": frame, "received_at": work.received_at}
+                envelope = {
+                    "kind": codec.FRAME,
+                    "broadcast": True,
+                    "frame": frame,
+                    "received_at": work.received_at,
+                }
                 await self.client.publish(self.keys.gateways_channel, codec.pack(envelope))
             self.metrics.deliveries_published.labels("broadcast").inc(len(work.frames))
             return

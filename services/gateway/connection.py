@@ -293,11 +293,14 @@ class ConnectionProtocol:
         entity_type, entity_id = message.get("entityType"), message.get("entityId")
         if not (is_valid_room_part(entity_type) and is_valid_room_part(entity_id)):
             return self._bad_message(
-                ErrorCode.INVALID_MESSAGE, "entityType and entityId must be short identifiers (A-Z, 0-9, _ . : -)"
+                ErrorCode.INVALID_MESSAGE,
+                "entityType and entityId must be short identifiers (A-Z, 0-9, _ . : -)",
             )
         room = entity_room_id(entity_type, entity_id)
         if room not in self.rooms and len(self.rooms) >= self.limits.max_rooms:
-            return self._bad_message(ErrorCode.INVALID_MESSAGE, f"At most {self.limits.max_rooms} subscriptions")
+            return self._bad_message(
+                ErrorCode.INVALID_MESSAGE, f"At most {self.limits.max_rooms} subscriptions"
+            )
         self.rooms.add(room)
         joined = {
             "type": "room_joined",
@@ -318,7 +321,9 @@ class ConnectionProtocol:
     def _on_unsubscribe(self, message: dict[str, Any]) -> list[Action]:
         entity_type, entity_id = message.get("entityType"), message.get("entityId")
         if not (is_valid_room_part(entity_type) and is_valid_room_part(entity_id)):
-            return self._bad_message(ErrorCode.INVALID_MESSAGE, "entityType and entityId must be short identifiers")
+            return self._bad_message(
+                ErrorCode.INVALID_MESSAGE, "entityType and entityId must be short identifiers"
+            )
         room = entity_room_id(entity_type, entity_id)
         self.rooms.discard(room)
         confirmation = {
