@@ -82,7 +82,12 @@ async def listen(url: str, session_id: str | None, origin: str | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="portico-push", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("stack", help="run Redis, PostgreSQL, 2 gateways and 2 fetchers locally")
+    commands.add_parser(
+        "stack", help="run Redis, PostgreSQL, 2 gateways, 2 fetchers and the demo site locally"
+    )
+    commands.add_parser(
+        "demo", help="run the demo booking page (DATABASE_URL, REDIS_URL, DEMO_GATEWAYS, DEMO_PORT)"
+    )
     trigger = commands.add_parser("trigger", help="publish update_partial_applications like PHP does")
     trigger.add_argument("session_id")
     add = commands.add_parser("add-application", help="add a partial application to a cart, then trigger")
@@ -99,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         from services.devstack import run_stack
 
         raise SystemExit(run_stack())
+    if args.command == "demo":
+        from services.demo.app import main as run_demo
+
+        run_demo()
+        return
     if args.command in ("trigger", "add-application") and not is_valid_session_id(args.session_id):
         parser.error("session_id must be 1-128 characters of A-Z, a-z, 0-9, ',' and '-'")
     if args.command == "trigger":

@@ -23,6 +23,7 @@ from services.localservers import LocalPostgres, LocalRedis, free_port
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "sql"
 GATEWAY_PORTS = (8080, 8081)
+DEMO_PORT = 8000
 FETCHER_PORTS = (9101, 9102)
 
 
@@ -100,6 +101,11 @@ def run_stack() -> int:
                     child.kill()
 
         cleanup.callback(stop_children)
+        demo_port = _port_or_free(DEMO_PORT)
+        # The demo page is another origin than the gateways (other port): allow it explicitly.
+        base_env["ALLOWED_ORIGINS"] = os.environ.get(
+            "ALLOWED_ORIGINS", f"http://127.0.0.1:{demo_port},http://localhost:{demo_port}"
+        )
         health = []
         for n, preferred in enumerate(FETCHER_PORTS, 1):
             port = _port_or_free(preferred)
@@ -113,6 +119,9 @@ def run_stack() -> int:
             children.append(subprocess.Popen([sys.executable, "-m", "services.gateway.main"], env=env))
             health.append(f"http://127.0.0.1:{port}/readyz")
             gateways.append(port)
+        env = {**base_env, "DEMO_PORT": str(demo_port), "DEMO_GATEWAYS": ",".join(f":{p}" for p in gateways)}
+        children.append(subprocess.Popen([sys.executable, "-m", "services.demo.app"], env=env))
+        health.append(f"http://127.0.0.1:{demo_port}/api/config")
         for url in health:
             if not _wait_ready(url, 30):
                 print(f"not ready after 30s: {url}", file=sys.stderr)
@@ -121,6 +130,7 @@ def run_stack() -> int:
         cli = f"{Path(sys.executable).parent}/portico-push"
         print(
             "\nPortico Push is running: 2 gateways, 2 fetchers.\n"
+            + f"\n  Demo booking page: http://127.0.0.1:{demo_port}/?gateway=1  and  ?gateway=2 in a second tab\n\n"
             + "".join(
                 f"  gateway   ws://127.0.0.1:{p}/wss   (health http://127.0.0.1:{p}/readyz)\n"
                 for p in gateways

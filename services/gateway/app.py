@@ -16,11 +16,14 @@ import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shared import codec
@@ -51,6 +54,7 @@ from .outbox import Frame, Outbox
 
 log = logging.getLogger(__name__)
 
+CLIENT_JS = Path(__file__).resolve().parent / "static" / "client.js"
 REFRESH_BATCH = 500  # session ids per refresh request envelope
 REQUEST_ATTEMPTS = 3  # a cart request is sent at most this often (lost, or answered with an older cart)
 TIMEOUT_MESSAGE = "Timed out waiting for the cart; please try again"
@@ -575,7 +579,17 @@ def create_app(settings: GatewaySettings) -> Starlette:
     def ready() -> dict[str, bool]:
         return {"redis_subscription": gateway.subscription.healthy, "not_draining": not gateway.draining}
 
+    async def client_js(request: Request) -> Response:
+        # A public static module; CORS so that a page on the booking site's origin can import it.
+        return FileResponse(
+            CLIENT_JS,
+            media_type="text/javascript",
+            headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "public, max-age=300"},
+        )
+
     routes = [
+        Route("/wss/client.js", client_js),
+        Route("/client.js", client_js),
         WebSocketRoute("/wss", gateway.serve),
         WebSocketRoute("/wss/", gateway.serve),
         WebSocketRoute("/", gateway.serve),

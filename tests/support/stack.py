@@ -59,16 +59,19 @@ class Stack:
 
     async def add_gateway(self, **overrides: Any) -> RunningGateway:
         n = len(self.gateways) + 1
-        settings = GatewaySettings(
-            redis=self.redis_settings(),
-            host="127.0.0.1",
-            port=free_port(),
-            gateway_id=f"gw{n}",
-            ownership_ttl_seconds=3.0,
-            request_timeout_seconds=5.0,
-            drain_seconds=0.5,
-            **{**self.gateway_env, **overrides},
-        )
+        options: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "gateway_id": f"gw{n}",
+            "ownership_ttl_seconds": 3.0,
+            "request_timeout_seconds": 5.0,
+            "drain_seconds": 0.5,
+            **self.gateway_env,
+            **overrides,
+        }
+        if any(g.gateway.id == options["gateway_id"] for g in self.gateways):
+            options["gateway_id"] += f"-{n}"
+        settings = GatewaySettings(redis=self.redis_settings(), **options)
         server = GatewayServer(uvicorn_config(settings, log_level="warning"))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve())
