@@ -26,6 +26,13 @@ MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectedHandler = Callable[[], Awaitable[None]]
 
 
+def log_if_died(task: asyncio.Task[None]) -> None:
+    """Done-callback for a service's background loops: they run until cancelled, so ending
+    any other way is a bug that must be loud, not a silently deaf or stale process."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %r died", task.get_name(), exc_info=task.exception())
+
+
 def create_client(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """Command client (publish, scripts). Bounded pool; callers bound their own concurrency."""
     return aioredis.Redis.from_url(

@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from shared import codec
-from shared.broker import Subscription, create_client
+from shared.broker import Subscription, create_client, log_if_died
 from shared.codec import dumps
 from shared.keys import NOTIFICATIONS_CHANNEL, ROOM_MESSAGES_CHANNEL, SESSION_MESSAGES_CHANNEL, Keys
 from shared.metrics import FetcherMetrics
@@ -125,6 +125,8 @@ class Fetcher:
             asyncio.create_task(self.leases.run(), name="leases"),
             asyncio.create_task(self._watch_database(), name="db-check"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(log_if_died)
         log.info("fetcher %s started: %r", self.settings.fetcher_id, self.settings)
 
     async def stop(self) -> None:
@@ -150,7 +152,11 @@ class Fetcher:
 
     async def _watch_database(self) -> None:
         while True:
-            self.db_ok = await self.store.check()
+            try:
+                self.db_ok = await self.store.check()
+            except Exception:  # check() handles the expected errors; never let this loop die
+                log.exception("database check failed unexpectedly")
+                self.db_ok = False
             self.metrics.db_up.set(1 if self.db_ok else 0)
             await asyncio.sleep(5)
 

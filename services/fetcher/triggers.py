@@ -44,7 +44,7 @@ class Trigger:
     frame: str | None = None  # for routed types: the JSON text to deliver to the tabs
 
 
-def parse_session_message(raw: bytes | str, max_bytes: int) -> Trigger:
+def _load_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise InvalidInput("too_large", f"{len(raw)} bytes")
     try:
@@ -53,6 +53,11 @@ def parse_session_message(raw: bytes | str, max_bytes: int) -> Trigger:
         raise InvalidInput("not_json") from None
     if not isinstance(payload, dict):
         raise InvalidInput("not_object")
+    return payload
+
+
+def parse_session_message(raw: bytes | str, max_bytes: int) -> Trigger:
+    payload = _load_object(raw, max_bytes)
     kind = payload.get("type")
     if kind not in KNOWN_TYPES:
         raise InvalidInput("unknown_type", repr(kind)[:40])
@@ -91,18 +96,6 @@ class Routed:
     route: str
     frame: str
     session_id: str | None = None  # set for session routes (the fetcher needs the id)
-
-
-def _load_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
-    if len(raw) > max_bytes:
-        raise InvalidInput("too_large", f"{len(raw)} bytes")
-    try:
-        payload = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise InvalidInput("not_json") from None
-    if not isinstance(payload, dict):
-        raise InvalidInput("not_object")
-    return payload
 
 
 def parse_notification(raw: bytes | str, max_bytes: int) -> Routed:

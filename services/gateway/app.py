@@ -27,7 +27,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shared import codec
-from shared.broker import Subscription, create_client
+from shared.broker import Subscription, create_client, log_if_died
 from shared.health import health_routes
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
@@ -131,6 +131,8 @@ class Gateway:
             asyncio.create_task(self._send_server_pings(), name="server-ping"),
             asyncio.create_task(self._sweep_requests(), name="request-sweep"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(log_if_died)
         log.info("gateway %s started: %r", self.id, self.settings)
 
     async def drain(self) -> None:
@@ -230,6 +232,8 @@ class Gateway:
         except Exception:
             log.exception("socket %d: unexpected error; closing it", client.id)
             client.outbox.close_after_flush(CloseCode.INTERNAL_ERROR, "internal error")
+            if client.writer is not None:
+                await asyncio.wait([client.writer], timeout=2)
         finally:
             await self._detach(client)
 
@@ -241,7 +245,7 @@ class Gateway:
                     break
                 await client.ws.send_text(frame.text)
                 self.metrics.messages_sent.labels(frame.kind).inc()
-                self.metrics.bytes_sent.inc(len(frame.text.encode()))
+                self.metrics.bytes_sent.inc(frame.size)
                 if frame.received_at is not None:
                     self.metrics.push_latency.observe(max(0.0, time.time() - frame.received_at))
             if client.outbox.close_code is not None:

@@ -15,10 +15,20 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class Frame:
+    """One text frame; a push shares one Frame between all the sockets it goes to."""
+
     text: str
     kind: str  # message type, for metrics
     cart: bool = False  # a replaceable full-state cart push
     received_at: float | None = None  # trigger arrival, for the latency histogram
+    _size: int = -1
+
+    @property
+    def size(self) -> int:
+        """UTF-8 length, computed once per frame rather than once per socket."""
+        if self._size < 0:
+            self._size = len(self.text.encode())
+        return self._size
 
 
 class Outbox:
