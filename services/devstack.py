@@ -106,22 +106,22 @@ def run_stack() -> int:
         base_env["ALLOWED_ORIGINS"] = os.environ.get(
             "ALLOWED_ORIGINS", f"http://127.0.0.1:{demo_port},http://localhost:{demo_port}"
         )
-        health = []
+        health: list[str] = []
+
+        def spawn(module: str, env: dict[str, str], ready_url: str) -> None:
+            children.append(subprocess.Popen([sys.executable, "-m", module], env={**base_env, **env}))
+            health.append(ready_url)
+
         for n, preferred in enumerate(FETCHER_PORTS, 1):
             port = _port_or_free(preferred)
-            env = {**base_env, "FETCHER_PORT": str(port), "FETCHER_ID": f"fetcher-{n}"}
-            children.append(subprocess.Popen([sys.executable, "-m", "services.fetcher.main"], env=env))
-            health.append(f"http://127.0.0.1:{port}/readyz")
-        gateways = []
-        for n, preferred in enumerate(GATEWAY_PORTS, 1):
-            port = _port_or_free(preferred)
-            env = {**base_env, "GATEWAY_PORT": str(port), "GATEWAY_ID": f"gateway-{n}"}
-            children.append(subprocess.Popen([sys.executable, "-m", "services.gateway.main"], env=env))
-            health.append(f"http://127.0.0.1:{port}/readyz")
-            gateways.append(port)
-        env = {**base_env, "DEMO_PORT": str(demo_port), "DEMO_GATEWAYS": ",".join(f":{p}" for p in gateways)}
-        children.append(subprocess.Popen([sys.executable, "-m", "services.demo.app"], env=env))
-        health.append(f"http://127.0.0.1:{demo_port}/api/config")
+            env = {"FETCHER_PORT": str(port), "FETCHER_ID": f"fetcher-{n}"}
+            spawn("services.fetcher.main", env, f"http://127.0.0.1:{port}/readyz")
+        gateways = [_port_or_free(preferred) for preferred in GATEWAY_PORTS]
+        for n, port in enumerate(gateways, 1):
+            env = {"GATEWAY_PORT": str(port), "GATEWAY_ID": f"gateway-{n}"}
+            spawn("services.gateway.main", env, f"http://127.0.0.1:{port}/readyz")
+        env = {"DEMO_PORT": str(demo_port), "DEMO_GATEWAYS": ",".join(f":{p}" for p in gateways)}
+        spawn("services.demo.app", env, f"http://127.0.0.1:{demo_port}/api/config")
         for url in health:
             if not _wait_ready(url, 30):
                 print(f"not ready after 30s: {url}", file=sys.stderr)

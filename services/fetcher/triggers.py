@@ -98,6 +98,10 @@ class Routed:
     session_id: str | None = None  # set for session routes (the fetcher needs the id)
 
 
+# notifications `target` -> the two payload fields that name its room
+_ROOM_TARGETS: Final = {"entity": ("entityType", "entityId"), "user": ("userType", "identifier")}
+
+
 def parse_notification(raw: bytes | str, max_bytes: int) -> Routed:
     """A `notifications` payload (PROTOCOL.md §6) -> where it goes and the frame to deliver."""
     payload = _load_object(raw, max_bytes)
@@ -111,20 +115,18 @@ def parse_notification(raw: bytes | str, max_bytes: int) -> Routed:
             payload["type"] = "notification"
         frame = dumps(_with_timestamp(mask_session_field(payload)))
         return Routed(session_key(session_id), frame, session_id)
-    if target == "entity":
-        entity_type, entity_id = payload.get("entityType"), payload.get("entityId")
-        if not (is_valid_room_part(entity_type) and is_valid_room_part(entity_id)):
+    room_parts = _ROOM_TARGETS.get(target) if isinstance(target, str) else None
+    if room_parts is not None:
+        first, second = payload.get(room_parts[0]), payload.get(room_parts[1])
+        if not (is_valid_room_part(first) and is_valid_room_part(second)):
             raise InvalidInput("bad_room")
-        room = entity_room_id(entity_type, entity_id)
-        payload.setdefault("type", "entity_event")
-        payload.setdefault("roomId", room)
-        return Routed(room_route(room), dumps(_with_timestamp(mask_session_field(payload))))
-    if target == "user":
-        user_type, identifier = payload.get("userType"), payload.get("identifier")
-        if not (is_valid_room_part(user_type) and is_valid_room_part(identifier)):
-            raise InvalidInput("bad_room")
-        room = user_room_id(user_type, identifier)
-        payload.setdefault("type", "notification")
+        if target == "entity":
+            room = entity_room_id(first, second)
+            payload.setdefault("type", "entity_event")
+            payload.setdefault("roomId", room)
+        else:
+            room = user_room_id(first, second)
+            payload.setdefault("type", "notification")
         return Routed(room_route(room), dumps(_with_timestamp(mask_session_field(payload))))
     if not isinstance(payload.get("type"), str):
         raise InvalidInput("unknown_type")
