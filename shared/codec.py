@@ -18,8 +18,8 @@ import msgpack
 
 CART = "cart"
 FRAME = "frame"
-GET = "get"
-JOIN = "join"
+GET = "get"  # a tab asked: reply to that socket with its requestId
+JOIN = "join"  # a tab joined the session: send it the cart as a push
 REFRESH = "refresh"
 RESYNC = "resync"
 

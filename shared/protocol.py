@@ -63,10 +63,6 @@ def session_room_id(session_id: str) -> str:
     return "session_" + session_key(session_id)[:16]
 
 
-def room_id_for_key(key: str) -> str:
-    return "session_" + key[:16]
-
-
 _ROOM_PART = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 

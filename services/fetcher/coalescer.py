@@ -16,10 +16,11 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
+from shared.codec import GET, JOIN
+
 log = logging.getLogger(__name__)
 
-GET = "get"  # a tab asked: reply to that socket with its requestId
-JOIN = "join"  # a tab joined the session: send it the cart as a push
+__all__ = ["GET", "JOIN", "SessionWork", "WorkCoalescer"]
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ import uvicorn
 from shared.logconfig import configure_logging
 from shared.settings import GatewaySettings, load_or_exit
 
-from .app import create_app
+from .app import Gateway, create_app
 
 
 class GatewayServer(uvicorn.Server):
@@ -17,13 +17,19 @@ class GatewayServer(uvicorn.Server):
     Ours first stops listening, then drains the sockets paced over DRAIN_SECONDS
     (`Gateway.drain`), then lets uvicorn finish."""
 
+    @property
+    def gateway(self) -> Gateway:
+        """The running app's `Gateway` (under uvicorn's middleware)."""
+        app = self.config.loaded_app
+        while not hasattr(app, "state"):
+            app = app.app
+        gateway: Gateway = app.state.gateway
+        return gateway
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()  # stop accepting: the load balancer sends new tabs elsewhere
-        app = self.config.loaded_app
-        while not hasattr(app, "state"):  # unwrap uvicorn's middleware
-            app = app.app
-        await app.state.gateway.drain()
+        await self.gateway.drain()
         await super().shutdown(sockets)
 
 

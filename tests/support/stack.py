@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 import uvicorn
 
+from services.cli import publish_trigger
 from services.fetcher.service import Fetcher
 from services.fetcher.store import PostgresCartStore
 from services.gateway.app import Gateway
 from services.gateway.main import GatewayServer, uvicorn_config
 from services.localservers import free_port
-from shared.keys import SESSION_MESSAGES_CHANNEL
 from shared.settings import FetcherSettings, GatewaySettings, RedisSettings
 
 from .waiting import eventually
@@ -78,8 +76,7 @@ class Stack:
         await eventually(lambda: server.started or task.done(), 10, what="gateway start")
         if task.done():
             task.result()
-        app = server.config.loaded_app
-        gateway = _find_state(app).gateway
+        gateway = server.gateway
         running = RunningGateway(gateway, server, task, settings.port)
         await eventually(lambda: gateway.subscription.live, 10, what="gateway subscribed")
         self.gateways.append(running)
@@ -140,13 +137,6 @@ class Stack:
         assert not died, f"background tasks died during the test: {died}"
 
 
-def _find_state(app: Any) -> Any:
-    # uvicorn wraps the app in middleware; walk down to the Starlette instance.
-    while not hasattr(app, "state"):
-        app = app.app
-    return app.state
-
-
 @contextlib.asynccontextmanager
 async def running_stack(
     redis_url: str, database_url: str, prefix: str, *, gateways: int = 2, fetchers: int = 2
@@ -166,13 +156,4 @@ async def running_stack(
 
 async def trigger(redis_url: str, session_id: str) -> None:
     """Publish exactly what the PHP backend publishes after a cart change."""
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        payload = {
-            "type": "update_partial_applications",
-            "sessionId": session_id,
-            "timestamp": "2025-05-12T11:54:20+00:00",
-        }
-        await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(payload))
-    finally:
-        await client.aclose()
+    await publish_trigger(redis_url, session_id)
