@@ -1,7 +1,8 @@
 """The HTTP endpoints every service exposes: /healthz, /readyz, /metrics.
 
 Liveness never looks at Redis or PostgreSQL (an outage must not become a restart storm);
-readiness does, through the `ready` callable of the service.
+it fails only when the process itself is broken: an essential background loop died
+(`failure` returns why). Readiness looks at Redis and PostgreSQL, through `ready`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from starlette.routing import Route
 from shared.metrics import CONTENT_TYPE_LATEST, render
 
 
-def health_routes(ready: Callable[[], dict[str, bool]], registry: CollectorRegistry) -> list[Route]:
+def health_routes(
+    ready: Callable[[], dict[str, bool]],
+    registry: CollectorRegistry,
+    failure: Callable[[], str | None] = lambda: None,
+) -> list[Route]:
     async def healthz(request: Request) -> Response:
+        reason = failure()
+        if reason is not None:
+            return JSONResponse({"status": "failed", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:

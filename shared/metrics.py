@@ -100,6 +100,14 @@ class FetcherMetrics:
             f"{ns}_fetch_duration_seconds", "Cart query time", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.db_errors = Counter(f"{ns}_db_errors_total", "Failed cart queries", registry=r)
+        self.carts_unshapeable = Counter(
+            f"{ns}_carts_unshapeable_total",
+            "Carts whose rows cannot be shaped into JSON (sent as an error cart)",
+            registry=r,
+        )
+        self.work_failed = Counter(
+            f"{ns}_work_failed_total", "Fetch or delivery work that failed and was retried", registry=r
+        )
         self.deliveries_published = Counter(
             f"{ns}_deliveries_published_total", "Envelopes published to gateways", ["kind"], registry=r
         )

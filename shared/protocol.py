@@ -105,9 +105,37 @@ def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, **extra}
 
 
-def mask_session_field(payload: dict[str, Any]) -> dict[str, Any]:
-    """Mask a `sessionId` field of a payload routed from Redis to tabs (PROTOCOL.md §2)."""
-    sid = payload.get("sessionId")
-    if isinstance(sid, str) and not sid.endswith("..."):
-        payload["sessionId"] = mask_session_id(sid)
-    return payload
+# Types only the server sends, with protocol meaning for the client: a payload routed from Redis
+# to tabs may never carry one (PROTOCOL.md §2 lists them).
+RESERVED_TYPES: Final = frozenset(
+    {
+        "partial_applications_response",
+        "reconnect_required",
+        "connection_success",
+        "session_id_required",
+        "session_update_confirmation",
+        "room_joined",
+        "subscription_confirmation",
+        "user_info_update_confirmation",
+        "pong",
+        "server_ping",
+        "error",
+    }
+)
+_SESSION_FIELDS: Final = ("sessionId", "session_id")
+
+
+def mask_session_fields(value: Any) -> Any:
+    """Mask every session id field (`sessionId`, `session_id`) of a payload routed from Redis
+    to tabs, however deeply nested (PROTOCOL.md §2). Modifies dicts in place; returns `value`."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name in _SESSION_FIELDS and isinstance(item, str):
+                if not item.endswith("..."):
+                    value[name] = mask_session_id(item)
+            else:
+                mask_session_fields(item)
+    elif isinstance(value, list):
+        for item in value:
+            mask_session_fields(item)
+    return value

@@ -162,6 +162,9 @@ class GatewaySettings:
     server_ping_interval_seconds: float = 60.0
     per_message_deflate: bool = False
     drain_seconds: float = 10.0
+    max_connections: int = 20000
+    handshake_timeout_seconds: float = 10.0
+    trust_forwarded_proto: bool = False
     log_level: str = "INFO"
 
     @classmethod
@@ -188,6 +191,9 @@ class GatewaySettings:
             ),
             per_message_deflate=env.flag("WS_PER_MESSAGE_DEFLATE", False),
             drain_seconds=env.number("DRAIN_SECONDS", 10.0, low=0.0, high=3600.0),
+            max_connections=env.integer("MAX_CONNECTIONS", 20000, low=1, high=1_000_000),
+            handshake_timeout_seconds=env.number("HANDSHAKE_TIMEOUT_SECONDS", 10.0, low=0.5, high=300.0),
+            trust_forwarded_proto=env.flag("TRUST_FORWARDED_PROTO", False),
             log_level=_log_level(env),
         )
 

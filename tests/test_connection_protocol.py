@@ -16,6 +16,7 @@ from services.gateway.connection import (
     Send,
     is_origin_allowed,
     joined_messages,
+    page_scheme,
     session_from_cookie,
 )
 from shared.protocol import session_room_id
@@ -49,15 +50,31 @@ def test_cookie_preference_and_validation():
 
 
 def test_origin_rules():
-    assert is_origin_allowed(None, "example.no", ())  # not a browser
-    assert is_origin_allowed("https://example.no", "example.no", ())
-    assert is_origin_allowed("http://localhost:8080", "localhost:8080", ())
-    assert not is_origin_allowed("http://localhost:8081", "localhost:8080", ())
-    assert not is_origin_allowed("https://evil.no", "example.no", ())
-    assert not is_origin_allowed("null", "example.no", ())
-    assert is_origin_allowed("https://booking.example.no", "internal:8080", ("https://booking.example.no",))
-    assert not is_origin_allowed("https://example.no", "example.no", ("https://booking.example.no",))
-    assert is_origin_allowed("https://anything.no", "x", ("*",))
+    assert is_origin_allowed(None, "example.no", (), "https")  # not a browser
+    assert is_origin_allowed("https://example.no", "example.no", (), "https")
+    assert is_origin_allowed("http://localhost:8080", "localhost:8080", (), "http")
+    assert not is_origin_allowed("http://localhost:8081", "localhost:8080", (), "http")
+    assert not is_origin_allowed("https://evil.no", "example.no", (), "https")
+    assert not is_origin_allowed("null", "example.no", (), "https")
+    assert is_origin_allowed(
+        "https://booking.example.no", "internal:8080", ("https://booking.example.no",), "http"
+    )
+    assert not is_origin_allowed("https://example.no", "example.no", ("https://booking.example.no",), "https")
+    assert is_origin_allowed("https://anything.no", "x", ("*",), "http")
+
+
+def test_same_origin_includes_the_scheme():
+    """Bug: the same-origin default compared only host[:port], so a page on `http://site`
+    (a network attacker's downgrade) could open the socket of an `https://site` deployment."""
+    assert not is_origin_allowed("http://booking.example.no", "booking.example.no", (), "https")
+    assert is_origin_allowed("https://booking.example.no", "booking.example.no", (), "https")
+    assert not is_origin_allowed("https://booking.example.no", "booking.example.no", (), "http")
+    # Behind a TLS proxy the connection is plain `ws`; the trusted X-Forwarded-Proto says https.
+    assert page_scheme("ws", "https", trust_forwarded=True) == "https"
+    assert page_scheme("ws", "https, http", trust_forwarded=True) == "https"
+    assert page_scheme("ws", "https", trust_forwarded=False) == "http"  # not trusted: ignored
+    assert page_scheme("wss", None, trust_forwarded=False) == "https"
+    assert page_scheme("ws", "gopher", trust_forwarded=True) == "http"
 
 
 def test_connect_with_cookie_joins_the_session():
@@ -147,7 +164,7 @@ def test_binary_closes_1003():
 
 
 def test_user_info_joins_the_user_room():
-    proto = ConnectionProtocol()
+    proto = ConnectionProtocol(Limits(bad_message_burst=50, budgets={}))
     [join] = proto.on_text('{"type":"update_user_info","userId":"17"}')
     assert join == JoinRoom(
         "user_bookinguser_17",
@@ -163,9 +180,20 @@ def test_user_info_joins_the_user_room():
     leave, join = proto.on_text('{"type":"update_user_info","userId":18,"userType":"admin"}')
     assert leave == LeaveRoom("user_bookinguser_17") and join.room_id == "user_admin_18"
     assert proto.rooms == {"user_admin_18"}
-    for bad in ['"x"', "true", "1.5", "null", '"1e3"']:
+    for bad in ['"x"', "true", "1.5", "null", '"1e3"', "0", "-5", '"-5"', str(2**63), "9" * 4200]:
         [error] = sent(proto.on_text(f'{{"type":"update_user_info","userId":{bad}}}'))
-        assert error["code"] == "INVALID_MESSAGE"
+        assert error["code"] in ("INVALID_MESSAGE", "INVALID_JSON"), bad
+    assert proto.rooms == {"user_admin_18"}
+
+
+def test_a_huge_user_id_is_refused_not_made_a_room():
+    """Bug: `update_user_info` with a 4200-digit integer userId was accepted; it became the
+    room `user_bookinguser_4444...` and a Redis key of that length. User ids are bigints."""
+    proto = ConnectionProtocol()
+    [error] = sent(proto.on_text('{"type":"update_user_info","userId":' + "4" * 4200 + "}"))
+    assert error["code"] == "INVALID_MESSAGE" and proto.rooms == set()
+    [join] = proto.on_text(f'{{"type":"update_user_info","userId":{2**63 - 1}}}')
+    assert join.room_id == f"user_bookinguser_{2**63 - 1}"
 
 
 def test_subscribe_and_unsubscribe():
@@ -193,3 +221,70 @@ def test_subscribe_and_unsubscribe():
 def test_deeply_nested_json_is_invalid_not_a_crash():
     [error] = sent(ConnectionProtocol().on_text("[" * 100_000 + "]" * 100_000))
     assert error["code"] == "INVALID_JSON"
+
+
+def test_non_standard_json_is_refused_never_echoed():
+    """Bug: Python's json accepts `NaN`, `Infinity` and `\\ud800` escapes. A ping with
+    `"id": NaN` was answered `{"reply_to":NaN}` (not JSON: the browser's JSON.parse threw on the
+    whole frame), and a lone surrogate echoed or relayed killed the writer of the socket that
+    received it (UTF-8 cannot encode it). Such input is invalid JSON; nothing is echoed."""
+    proto = ConnectionProtocol(Limits(bad_message_burst=50))
+    proto.on_open("victimSession1")
+    for text in [
+        '{"type":"ping","id":NaN}',
+        '{"type":"ping","id":Infinity}',
+        '{"type":"ping","id":-Infinity}',
+        '{"type":"ping","id":"\\ud800"}',
+        '{"type":"session_message","text":"\\udfff lone low surrogate"}',
+        '{"type":"get_partial_applications","requestId":NaN}',
+    ]:
+        actions = proto.on_text(text)
+        assert [m["code"] for m in sent(actions)] == ["INVALID_JSON"], text
+        assert not any(isinstance(a, RelayToSession | RequestCart) for a in actions)
+    # A valid surrogate pair is an ordinary character, and survives the round trip.
+    [relay] = proto.on_text('{"type":"session_message","text":"\\ud83d\\ude00"}')
+    assert isinstance(relay, RelayToSession) and relay.message["text"] == "\U0001f600"
+
+
+def test_valid_messages_have_budgets_and_a_new_session_id_costs_most():
+    """Bug: `update_session` in a loop with made-up ids (no cookie, no Origin needed) cost one
+    SQL query and one Redis key per frame: 2000 frames gave 2000 queries in 3.5 s. Valid
+    messages now have budgets per socket; a change to a new session id is the strictest."""
+    clock = FakeClock()
+    proto = ConnectionProtocol(clock=clock)
+    proto.on_open(None)
+    joins = []
+    for n in range(3):
+        [join] = proto.on_text(f'{{"type":"update_session","sessionId":"madeUp{n}"}}')
+        joins.append(join)
+    assert [j.session_id for j in joins] == ["madeUp0", "madeUp1", "madeUp2"]
+    # Re-sending the current id is free (the old client does it after every reconnect).
+    for _ in range(5):
+        [join] = proto.on_text('{"type":"update_session","sessionId":"madeUp2"}')
+        assert join.action == "none"
+    actions = proto.on_text('{"type":"update_session","sessionId":"madeUp3"}')
+    assert sent(actions)[0]["code"] == "RATE_LIMITED" and actions[-1] == Close(
+        1008, "message budget exceeded"
+    )
+    assert proto.closed and proto.session_id == "madeUp2"
+
+    refilled = ConnectionProtocol(clock=clock)
+    for n in range(3):
+        refilled.on_text(f'{{"type":"update_session","sessionId":"other{n}"}}')
+    clock.now += 31  # one session change per 30 s after the burst
+    [join] = refilled.on_text('{"type":"update_session","sessionId":"other3"}')
+    assert isinstance(join, JoinSession) and not refilled.closed
+
+
+def test_any_valid_message_has_a_budget():
+    clock = FakeClock()
+    proto = ConnectionProtocol(clock=clock)
+    proto.on_open("victimSession1")
+    replies = [sent(proto.on_text('{"type":"ping","id":1}')) for _ in range(60)]
+    assert all(r[0]["type"] == "pong" for r in replies)
+    actions = proto.on_text('{"type":"ping","id":1}')
+    assert sent(actions)[0]["code"] == "RATE_LIMITED" and proto.closed
+    steady = ConnectionProtocol(clock=clock)
+    for _ in range(500):  # 10 per second for 50 s: well within 20 per second
+        clock.now += 0.1
+        assert sent(steady.on_text('{"type":"ping","id":1}'))[0]["type"] == "pong"

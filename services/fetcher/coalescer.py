@@ -6,7 +6,8 @@ Guarantees:
   * work submitted while that session's fetch runs is merged into exactly one follow-up fetch,
     which starts after the running one ends: never zero (the last change always reaches the
     tabs), never one per trigger;
-  * at most `concurrency` fetches run at once, whatever the burst (bounded DB and Redis use).
+  * at most `concurrency` fetches run at once, whatever the burst (bounded DB and Redis use);
+  * work that raises is handed to `on_failed` (which retries it), never dropped.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ class WorkCoalescer:
         *,
         concurrency: int,
         on_coalesced: Callable[[], None] | None = None,
+        on_failed: Callable[[SessionWork, Exception], None] | None = None,
     ) -> None:
         self._run = run
         self._concurrency = concurrency
         self._on_coalesced = on_coalesced
+        self._on_failed = on_failed
         self._pending: dict[str, SessionWork] = {}  # merged work waiting to run
         self._running: set[str] = set()
         self._ready: asyncio.Queue[str] = asyncio.Queue()
@@ -109,8 +112,14 @@ class WorkCoalescer:
             self._running.add(sid)
             try:
                 await self._run(work)
-            except Exception:
-                log.exception("fetch work failed")
+            except Exception as exc:
+                if self._on_failed is None:
+                    log.exception("fetch work failed")
+                else:
+                    try:
+                        self._on_failed(work, exc)
+                    except Exception:
+                        log.exception("fetch work failed, and so did its failure handler")
             finally:
                 self._running.discard(sid)
                 if sid in self._pending:

@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from shared import codec
-from shared.broker import Subscription, create_client, log_if_died
+from shared.broker import Subscription, create_client
 from shared.codec import dumps
 from shared.keys import NOTIFICATIONS_CHANNEL, ROOM_MESSAGES_CHANNEL, SESSION_MESSAGES_CHANNEL, Keys
 from shared.metrics import FetcherMetrics
@@ -31,6 +31,7 @@ from shared.protocol import (
 )
 from shared.registry import RedisOwnershipRegistry
 from shared.settings import FetcherSettings
+from shared.supervision import supervise
 
 from .coalescer import GET, JOIN, SessionWork, WorkCoalescer
 from .deliveries import CartSnapshot, plan_cart_deliveries, plan_frame_deliveries, plan_room_deliveries
@@ -57,9 +58,14 @@ local nxt = math.max(last + 1, floor)
 redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', ARGV[1])
 return nxt
 """
-SEQ_TTL_MS = 24 * 3600 * 1000
+# The key only has to outlive a burst of fetches: the floor (Redis clock in µs) keeps seq
+# increasing after it expires. Short, so a made-up session id costs nothing for long.
+SEQ_TTL_MS = 15 * 60 * 1000
 DB_ERROR_MESSAGE = "Could not load partial applications; please try again"
-RETRY_DELAYS = (1, 2, 4, 8, 15, 30, 30, 30, 30, 30)  # after database errors, seconds
+SHAPE_ERROR_MESSAGE = "Could not read partial applications; please try again later"
+# Back-off of a retried session (after an error cart, or work that failed), seconds; the last
+# value repeats for as long as a gateway holds the session: no give-up while tabs show an error.
+RETRY_DELAYS = (1, 2, 4, 8, 15, 30)
 
 
 class Fetcher:
@@ -84,6 +90,7 @@ class Fetcher:
             self._run_work,
             concurrency=settings.fetch_concurrency,
             on_coalesced=self.metrics.triggers_coalesced.inc,
+            on_failed=self._on_work_failed,
         )
         self.leases = ShardLeases(
             self.client,
@@ -93,6 +100,7 @@ class Fetcher:
             ttl_seconds=settings.lease_ttl_seconds,
             on_gained=self._announce_resync,
             before_release=self._drain_shards,
+            on_lapsed=self._announce_resync,
         )
         self.subscription = Subscription(
             settings.redis.url,
@@ -109,12 +117,15 @@ class Fetcher:
         )
         self.db_ok = False
         self.stopping = False
+        self.failure: str | None = None  # set when an essential background loop died
         self.metrics.redis_last_message_age.set_function(lambda: self.subscription.last_message_age)
         self.metrics.work_pending.set_function(lambda: len(self.coalescer))
         self.metrics.shards_held.set_function(lambda: len(self.leases.held()))
         self.metrics.shards_configured.set(settings.shards)
         self._tasks: list[asyncio.Task[None]] = []
-        self._retries: set[asyncio.TimerHandle] = set()
+        # One pending retry per session (or route), merged: bounded by the sessions held.
+        self._retries: dict[str, tuple[SessionWork, asyncio.TimerHandle]] = {}
+        self._errored: dict[str, int] = {}  # session id -> retries so far, while its tabs show an error
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -126,14 +137,23 @@ class Fetcher:
             asyncio.create_task(self._watch_database(), name="db-check"),
         ]
         for task in self._tasks:
-            task.add_done_callback(log_if_died)
+            supervise(task, self._on_loop_died)
         log.info("fetcher %s started: %r", self.settings.fetcher_id, self.settings)
+
+    def _on_loop_died(self, what: str) -> None:
+        """A dead subscription, lease or database loop would leave this process holding shards
+        it cannot serve: fail liveness, and hand the shards to the other fetchers now."""
+        if self.failure is not None:
+            return
+        self.failure = f"background task died: {what}"
+        task = asyncio.get_running_loop().create_task(self.leases.stop(), name="release-after-death")
+        self._tasks.append(task)
 
     async def stop(self) -> None:
         """Stop taking work, finish what is in flight (bounded), hand the shards over."""
         self.stopping = True
         self.subscription.stop()
-        for handle in self._retries:
+        for _work, handle in self._retries.values():
             handle.cancel()
         try:
             await asyncio.wait_for(self.coalescer.wait_idle(), 10)
@@ -148,16 +168,28 @@ class Fetcher:
 
     @property
     def ready(self) -> bool:
-        return self.subscription.healthy and self.db_ok and not self.stopping
+        return self.subscription.healthy and self.db_ok and not self.stopping and self.failure is None
 
     async def _watch_database(self) -> None:
+        """Every 5 s: can the cart query run (the database answers *and* has the Portico
+        tables)? Logs each transition once; when the database comes back, every session whose
+        tabs were last sent an error is fetched again at once."""
+        first = True
         while True:
             try:
-                self.db_ok = await self.store.check()
-            except Exception:  # check() handles the expected errors; never let this loop die
+                problem = await self.store.check()
+            except Exception as exc:  # check() handles the expected errors; never let this loop die
                 log.exception("database check failed unexpectedly")
-                self.db_ok = False
-            self.metrics.db_up.set(1 if self.db_ok else 0)
+                problem = f"{exc.__class__.__name__}"
+            ok = problem is None
+            if ok != self.db_ok or (first and not ok):
+                if ok:
+                    log.info("database: available%s", "" if first else " again")
+                    self._retry_errored_now()
+                else:
+                    log.error("database: cannot serve carts (%s)", problem)
+            self.db_ok, first = ok, False
+            self.metrics.db_up.set(1 if ok else 0)
             await asyncio.sleep(5)
 
     # -- inputs ----------------------------------------------------------------------------
@@ -265,31 +297,41 @@ class Fetcher:
                 self.metrics.triggers_unheld.inc(len(work.frames))
             for frame in work.frames:
                 await self._publish(plan_frame_deliveries(key, owners, frame, work.received_at), "frame")
+            work.frames = []  # published: a retry of this work must not send them twice
         if not work.push_all and not work.refresh_gateways and not work.requests:
             return
         if not owners and not work.refresh_gateways and not work.requests:
             self.metrics.triggers_unheld.inc()
+            self._errored.pop(work.session_id, None)  # no tab anywhere shows its error now
             return  # no socket anywhere: nothing to read
         seq = int(await self._next_seq(keys=[self.keys.session_seq(key)], args=[SEQ_TTL_MS]))
         snapshot = await self._read_snapshot(work.session_id, seq)
         envelopes = plan_cart_deliveries(work, key, owners, snapshot)
         await self._publish(envelopes, "cart")
-        if snapshot.error is not None and (work.push_all or work.refresh_gateways):
-            self._schedule_retry(work)
+        if snapshot.error is None:
+            self._errored.pop(work.session_id, None)
+        else:
+            # Some tab (pushed to, or answered) now shows an error: fetch again until the
+            # database answers, and push to every tab, whatever asked this time.
+            attempt = self._errored.get(work.session_id, 0)
+            self._errored[work.session_id] = attempt + 1
+            self._retry_later(SessionWork(work.session_id, push_all=True, attempt=attempt + 1))
 
     async def _deliver_to_route(self, work: SessionWork) -> None:
         if work.route == BROADCAST_ROUTE:
             # One fetcher publishes it once on the all-gateways channel: every gateway once,
-            # every socket once.
-            for frame in work.frames:
+            # every socket once. Each published frame leaves the work, so a retry after a
+            # failure sends only the rest.
+            while work.frames:
                 envelope = {
                     "kind": codec.FRAME,
                     "broadcast": True,
-                    "frame": frame,
+                    "frame": work.frames[0],
                     "received_at": work.received_at,
                 }
                 await self.client.publish(self.keys.gateways_channel, codec.pack(envelope))
-            self.metrics.deliveries_published.labels("broadcast").inc(len(work.frames))
+                work.frames.pop(0)
+                self.metrics.deliveries_published.labels("broadcast").inc()
             return
         assert work.route is not None
         owners = await self.registry.owners(work.route)
@@ -297,44 +339,75 @@ class Fetcher:
             self.metrics.triggers_unheld.inc(len(work.frames))
             return
         room = work.route.removeprefix("room:")
-        for frame in work.frames:
-            await self._publish(plan_room_deliveries(room, owners, frame, work.received_at), "room")
+        while work.frames:
+            await self._publish(plan_room_deliveries(room, owners, work.frames[0], work.received_at), "room")
+            work.frames.pop(0)
 
     async def _read_snapshot(self, session_id: str, seq: int) -> CartSnapshot:
+        """The cart as a snapshot, or an error snapshot for this session only: a database
+        error, or rows that cannot be shaped (PostgreSQL accepts `'infinity'` timestamps and
+        `'NaN'` numerics, which have no place in a cart's JSON)."""
         started = time.perf_counter()
         try:
             applications = await self.store.fetch_cart(session_id)
+            text = dumps(applications)
         except CartStoreError as exc:
             self.metrics.db_errors.inc()
             log.warning("cart of %s: database error (%s)", mask_session_id(session_id), exc)
             return CartSnapshot(seq, now_iso(), None, error=DB_ERROR_MESSAGE)
+        except Exception as exc:
+            self.metrics.carts_unshapeable.inc()
+            log.error(
+                "cart of %s: rows cannot be shaped (%s: %s)",
+                mask_session_id(session_id),
+                exc.__class__.__name__,
+                exc,
+            )
+            return CartSnapshot(seq, now_iso(), None, error=SHAPE_ERROR_MESSAGE)
         finally:
             self.metrics.fetch_duration.observe(time.perf_counter() - started)
-        return CartSnapshot(seq, now_iso(), dumps(applications), count=len(applications))
+        return CartSnapshot(seq, now_iso(), text, count=len(applications))
 
-    def _schedule_retry(self, work: SessionWork) -> None:
-        """The tabs were shown an error: fetch again until the database answers, so they
-        converge to the real cart without waiting for the next change."""
-        if work.attempt >= len(RETRY_DELAYS):
-            log.warning(
-                "cart of %s: giving up after %d retries", mask_session_id(work.session_id), work.attempt
-            )
-            return
-        retry = SessionWork(
-            work.session_id,
-            push_all=work.push_all,
-            refresh_gateways=set(work.refresh_gateways),
-            attempt=work.attempt + 1,
+    def _on_work_failed(self, work: SessionWork, exc: Exception) -> None:
+        """Work that failed for any reason (Redis gone mid-fetch, a bug) is retried, never
+        dropped: after a Redis restart the pooled connections the old server closed failed
+        the first fetches, and their triggers were lost."""
+        self.metrics.work_failed.inc()
+        log.warning(
+            "work for %s failed (%s: %s); retrying",
+            mask_session_id(work.key) if not work.route else work.route,
+            exc.__class__.__name__,
+            exc,
         )
-        delay = RETRY_DELAYS[work.attempt] * random.uniform(0.8, 1.2)
-        loop = asyncio.get_running_loop()
+        work.attempt += 1
+        self._retry_later(work)
+
+    def _retry_later(self, work: SessionWork) -> None:
+        """Submit `work` again after a back-off; merged with a retry already waiting."""
+        waiting = self._retries.get(work.key)
+        if waiting is not None:
+            waiting[0].merge(work)
+            return
+        step = min(max(work.attempt, 1), len(RETRY_DELAYS)) - 1
+        delay = RETRY_DELAYS[step] * random.uniform(0.8, 1.2)
 
         def fire() -> None:
-            self._retries.discard(handle)
-            self.coalescer.submit(retry)
+            retry, _handle = self._retries.pop(work.key)
+            if not self.stopping:
+                self.coalescer.submit(retry)
 
-        handle = loop.call_later(delay, fire)
-        self._retries.add(handle)
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._retries[work.key] = (work, handle)
+
+    def _retry_errored_now(self) -> None:
+        """The database is back: every session whose tabs show an error is fetched now."""
+        for session_id, attempt in list(self._errored.items()):
+            waiting = self._retries.pop(session_id, None)
+            if waiting is not None:
+                waiting[1].cancel()
+                self.coalescer.submit(waiting[0])
+            else:
+                self.coalescer.submit(SessionWork(session_id, push_all=True, attempt=attempt))
 
     async def _publish(self, envelopes: dict[str, dict[str, Any]], kind: str) -> None:
         if not envelopes:

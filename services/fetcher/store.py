@@ -2,7 +2,10 @@
 
 Contract (`CartStore.fetch_cart`): returns the session's partial applications as JSON objects,
 ordered by id, all read from one snapshot in one round trip; raises `CartStoreError` when the
-database cannot answer (never an empty list in place of an error).
+database cannot answer, whatever asyncpg raises (never an empty list in place of an error).
+Shaping a row may raise anything else (`ValueError` for an `'infinity'` timestamp): the caller
+turns that into an error cart too. `check()` returns None when the cart query can run, else why
+not (unreachable, or the database lacks the Portico tables).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class CartStoreError(Exception):
 
 class CartStore(Protocol):
     async def fetch_cart(self, session_id: str) -> list[dict[str, Any]]: ...
-    async def check(self) -> bool: ...
+    async def check(self) -> str | None: ...
 
 
 class PostgresCartStore:
@@ -63,18 +66,27 @@ class PostgresCartStore:
             pool = await self._get_pool()
             async with asyncio.timeout(self._timeout * 2):
                 rows = await pool.fetch(CART_QUERY, session_id, timeout=self._timeout)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except Exception as exc:
+            # Not only PostgresError/InterfaceError/OSError: a fast PostgreSQL shutdown makes
+            # asyncpg raise InternalClientError, which escaped and dropped the work.
             raise CartStoreError(f"{exc.__class__.__name__}: {exc}") from exc
         return [shape_application(row) for row in rows]
 
-    async def check(self) -> bool:
+    async def check(self) -> str | None:
         try:
             pool = await self._get_pool()
             async with asyncio.timeout(self._timeout):
-                await pool.fetchval("SELECT 1", timeout=self._timeout)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return False
-        return True
+                async with pool.acquire(timeout=self._timeout) as connection:
+                    # Prepared, not run: proves every table and column the cart query reads
+                    # exists (a database without the Portico schema answers SELECT 1 fine).
+                    await connection.prepare(CART_QUERY, timeout=self._timeout)
+        except asyncpg.UndefinedTableError as exc:
+            return f"the Portico tables are missing ({exc})"
+        except asyncpg.PostgresError as exc:
+            return f"{exc.__class__.__name__}: {exc}"
+        except Exception as exc:
+            return f"unreachable ({exc.__class__.__name__}: {exc})"
+        return None
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -7,17 +7,17 @@ as a metric label (the session id in it is masked).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from shared.codec import dumps
+from shared.codec import dumps, loads_strict
 from shared.protocol import (
     BROADCAST_ROUTE,
+    RESERVED_TYPES,
     entity_room_id,
     is_valid_room_part,
     is_valid_session_id,
-    mask_session_field,
+    mask_session_fields,
     mask_session_id,
     now_iso,
     room_route,
@@ -48,12 +48,22 @@ def _load_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise InvalidInput("too_large", f"{len(raw)} bytes")
     try:
-        payload = json.loads(raw)
-    except (ValueError, RecursionError):
+        payload = loads_strict(raw)  # RFC 8259 only: NaN or a lone surrogate would reach browsers
+    except ValueError:
         raise InvalidInput("not_json") from None
     if not isinstance(payload, dict):
         raise InvalidInput("not_object")
     return payload
+
+
+def _for_tabs(message: dict[str, Any]) -> str:
+    """The frame text of a routed message: never one that impersonates the server's own
+    messages (a `partial_applications_response` would bypass `seq`, a `reconnect_required`
+    would disconnect every tab), and no full session id anywhere in it."""
+    if message.get("type") in RESERVED_TYPES:
+        raise InvalidInput("reserved_type", str(message.get("type")))
+    message.setdefault("timestamp", now_iso())
+    return dumps(mask_session_fields(message))
 
 
 def parse_session_message(raw: bytes | str, max_bytes: int) -> Trigger:
@@ -73,7 +83,7 @@ def parse_session_message(raw: bytes | str, max_bytes: int) -> Trigger:
         data = payload.get("data")
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
             raise InvalidInput("bad_data", f"session {mask_session_id(session_id)}")
-        return Trigger(kind, session_id, dumps(_with_timestamp(mask_session_field(dict(data)))))
+        return Trigger(kind, session_id, _for_tabs(dict(data)))
     message = payload.get("message")
     frame: dict[str, Any] = {
         "type": REFRESH_BOOKINGUSER,
@@ -82,11 +92,6 @@ def parse_session_message(raw: bytes | str, max_bytes: int) -> Trigger:
         "timestamp": payload.get("timestamp") if isinstance(payload.get("timestamp"), str) else now_iso(),
     }
     return Trigger(kind, session_id, dumps(frame))
-
-
-def _with_timestamp(message: dict[str, Any]) -> dict[str, Any]:
-    message.setdefault("timestamp", now_iso())
-    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +118,7 @@ def parse_notification(raw: bytes | str, max_bytes: int) -> Routed:
         assert isinstance(session_id, str)
         if not isinstance(payload.get("type"), str):
             payload["type"] = "notification"
-        frame = dumps(_with_timestamp(mask_session_field(payload)))
-        return Routed(session_key(session_id), frame, session_id)
+        return Routed(session_key(session_id), _for_tabs(payload), session_id)
     room_parts = _ROOM_TARGETS.get(target) if isinstance(target, str) else None
     if room_parts is not None:
         first, second = payload.get(room_parts[0]), payload.get(room_parts[1])
@@ -127,12 +131,12 @@ def parse_notification(raw: bytes | str, max_bytes: int) -> Routed:
         else:
             room = user_room_id(first, second)
             payload.setdefault("type", "notification")
-        return Routed(room_route(room), dumps(_with_timestamp(mask_session_field(payload))))
+        return Routed(room_route(room), _for_tabs(payload))
     if not isinstance(payload.get("type"), str):
         raise InvalidInput("unknown_type")
     payload["source"] = "redis"
     payload["received_at"] = now_iso()
-    return Routed(BROADCAST_ROUTE, dumps(_with_timestamp(mask_session_field(payload))))
+    return Routed(BROADCAST_ROUTE, _for_tabs(payload))
 
 
 def parse_room_message(raw: bytes | str, max_bytes: int) -> Routed:
@@ -144,4 +148,4 @@ def parse_room_message(raw: bytes | str, max_bytes: int) -> Routed:
     room = payload.get("roomId")
     if not isinstance(room, str) or not room.startswith(("entity_", "user_")) or not is_valid_room_part(room):
         raise InvalidInput("bad_room")
-    return Routed(room_route(room), dumps(_with_timestamp(mask_session_field(payload))))
+    return Routed(room_route(room), _for_tabs(payload))

@@ -2,7 +2,12 @@
 
 Per socket: a receive loop feeding `ConnectionProtocol`, and a writer task draining a bounded
 `Outbox`. Per process: one subscription (own channel + the all-gateways channel), an ownership
-refresh loop, the application-level `server_ping`, and a sweep of unanswered cart requests.
+refresh loop, a batched release of routes whose last socket left, the application-level
+`server_ping`, and a sweep of unanswered cart requests.
+
+A socket that cannot be written to (its writer failed, or its outbox overflowed) is *dropped*:
+taken out of every session and room at once, closed with a deadline, then aborted. Nothing
+else ever waits on it.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shared import codec
-from shared.broker import Subscription, create_client, log_if_died
+from shared.broker import Subscription, create_client
 from shared.health import health_routes
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
 from shared.protocol import CloseCode, mask_session_id, room_route, session_key, shard_of
 from shared.registry import RedisOwnershipRegistry
 from shared.settings import GatewaySettings
+from shared.supervision import supervise
 
 from .connection import (
     Close,
@@ -47,10 +53,12 @@ from .connection import (
     Send,
     is_origin_allowed,
     joined_messages,
+    page_scheme,
     session_from_cookie,
 )
 from .frames import render_cart, stamp
 from .outbox import Frame, Outbox
+from .sockets import ABORT_EXTENSION
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +66,14 @@ CLIENT_JS = Path(__file__).resolve().parent / "static" / "client.js"
 REFRESH_BATCH = 500  # session ids per refresh request envelope
 REQUEST_ATTEMPTS = 3  # a cart request is sent at most this often (lost, or answered with an older cart)
 TIMEOUT_MESSAGE = "Timed out waiting for the cart; please try again"
+CLOSE_DEADLINE_SECONDS = 2.0  # a dropped socket gets this long to take its close frame, then is aborted
+RELEASE_RETRY_SECONDS = 0.5
 
 
 class Client:
     """One open socket."""
 
-    __slots__ = ("cart_seq", "id", "key", "outbox", "protocol", "writer", "ws")
+    __slots__ = ("cart_seq", "detached", "gone", "id", "key", "outbox", "protocol", "writer", "ws")
 
     def __init__(self, client_id: int, ws: WebSocket, protocol: ConnectionProtocol, outbox: Outbox):
         self.id = client_id
@@ -73,6 +83,14 @@ class Client:
         self.key: str | None = None  # session key of the room it is in
         self.cart_seq = 0  # seq of the newest cart sent: older ones are never sent after it
         self.writer: asyncio.Task[None] | None = None
+        self.detached = False  # out of every map: receives nothing more
+        self.gone = asyncio.Event()  # set when the connection is over (serve returned)
+
+    def abort(self) -> None:
+        """Drop the TCP connection now (`sockets.AbortableWebSocketProtocol`)."""
+        abort = self.ws.scope.get("extensions", {}).get(ABORT_EXTENSION)
+        if abort is not None:
+            abort()
 
 
 @dataclass(slots=True)
@@ -110,6 +128,9 @@ class Gateway:
         self.rooms: dict[str, set[Client]] = {}  # entity/user room id -> its sockets here
         self.pending: dict[int, PendingRequest] = {}
         self.draining = False
+        self.failure: str | None = None  # set when an essential background loop died
+        self._to_release: set[str] = set()  # routes whose last local socket left
+        self._release_wanted = asyncio.Event()
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -128,11 +149,12 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self.subscription.run(), name="subscription"),
             asyncio.create_task(self._refresh_ownership(), name="ownership"),
+            asyncio.create_task(self._release_ownership(), name="ownership-release"),
             asyncio.create_task(self._send_server_pings(), name="server-ping"),
             asyncio.create_task(self._sweep_requests(), name="request-sweep"),
         ]
         for task in self._tasks:
-            task.add_done_callback(log_if_died)
+            supervise(task, self._on_loop_died)
         log.info("gateway %s started: %r", self.id, self.settings)
 
     async def drain(self) -> None:
@@ -171,10 +193,15 @@ class Gateway:
         if writers:
             await asyncio.wait(writers, timeout=5)
 
+    def _on_loop_died(self, what: str) -> None:
+        # Every loop is essential (a dead one means deaf, unrefreshed or unreleased state):
+        # fail liveness so the orchestrator restarts this process.
+        self.failure = self.failure or f"background task died: {what}"
+
     async def stop(self) -> None:
         await self.drain()
         try:
-            await self.registry.release(self._held_routes())
+            await self.registry.release([*self._held_routes(), *self._to_release])
         except RedisError as exc:
             log.warning("could not release sessions on stop (%s); they expire by TTL", exc)
         self.subscription.stop()
@@ -185,20 +212,29 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.subscription.healthy and not self.draining
+        return self.subscription.healthy and not self.draining and self.failure is None
 
     # -- sockets ---------------------------------------------------------------------------
 
     async def serve(self, ws: WebSocket) -> None:
         origin, host = ws.headers.get("origin"), ws.headers.get("host")
-        if not is_origin_allowed(origin, host, self.settings.allowed_origins):
+        scheme = page_scheme(
+            ws.url.scheme, ws.headers.get("x-forwarded-proto"), self.settings.trust_forwarded_proto
+        )
+        if not is_origin_allowed(origin, host, self.settings.allowed_origins, scheme):
             self.metrics.handshakes_rejected.labels("origin").inc()
-            log.warning("refused handshake from origin %r (host %r)", origin, host)
+            log.warning("refused handshake from origin %r (host %r, expected %s)", origin, host, scheme)
             await ws.close(code=CloseCode.POLICY_VIOLATION)  # before accept: HTTP 403
             return
         if self.draining:
             self.metrics.handshakes_rejected.labels("draining").inc()
             await ws.close(code=CloseCode.TRY_AGAIN_LATER)
+            return
+        if len(self.clients) >= self.settings.max_connections:
+            self.metrics.handshakes_rejected.labels("capacity").inc()
+            await ws.send_denial_response(
+                Response("This server is full; try again later\n", 503, headers={"Retry-After": "5"})
+            )
             return
         await ws.accept()
         client = Client(
@@ -227,7 +263,7 @@ class Gateway:
                 await self._apply(client, actions)
             if client.writer is not None and client.protocol.closed:
                 await asyncio.wait([client.writer], timeout=2)  # flush the last error, close
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, OSError):  # OSError: uvicorn's ClientDisconnected
             pass
         except Exception:
             log.exception("socket %d: unexpected error; closing it", client.id)
@@ -235,7 +271,12 @@ class Gateway:
             if client.writer is not None:
                 await asyncio.wait([client.writer], timeout=2)
         finally:
-            await self._detach(client)
+            self._detach(client)
+            if client.writer is not None and not client.writer.done():
+                client.writer.cancel()
+            client.gone.set()
+            self.clients.pop(client.id, None)
+            self.metrics.connections.dec()
 
     async def _write(self, client: Client) -> None:
         try:
@@ -252,19 +293,44 @@ class Gateway:
                 await client.ws.close(client.outbox.close_code, client.outbox.close_reason)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the peer went away mid-write
+        except Exception as exc:
+            # The peer went away mid-write, or the frame could not be sent at all. Either way
+            # this socket can no longer be served: a writer that silently ended left it open
+            # and deaf (pings unanswered, pushes lost) while it stayed in every map.
             self.metrics.send_failures.inc()
-            log.debug("socket %d: write failed (%s)", client.id, exc)
+            log.debug("socket %d: write failed (%s: %s); dropping it", client.id, exc.__class__.__name__, exc)
+            self._drop(client, CloseCode.INTERNAL_ERROR, "write failed")
 
-    async def _detach(self, client: Client) -> None:
-        self.clients.pop(client.id, None)
-        self.metrics.connections.dec()
+    def _detach(self, client: Client) -> None:
+        """Take a socket out of its session and rooms (idempotent, never waits). Routes whose
+        last local socket this was are released in the next batch (`_release_ownership`)."""
+        if client.detached:
+            return
+        client.detached = True
         client.protocol.closed = True
-        if client.writer is not None and not client.writer.done():
-            client.writer.cancel()
-        await self._leave_session(client)
+        self._leave_session(client)
         for room in list(client.protocol.rooms):
-            await self._leave_room(client, room)
+            self._leave_room(client, room)
+
+    def _drop(self, client: Client, code: int, reason: str) -> None:
+        """Stop serving a socket at once: detached now, closed within CLOSE_DEADLINE_SECONDS,
+        aborted if the close cannot be written (a peer that does not read)."""
+        if client.detached:
+            return
+        self._detach(client)
+        if client.writer is not None and client.writer is not asyncio.current_task():
+            client.writer.cancel()
+        self._spawn(self._close_or_abort(client, code, reason))
+
+    async def _close_or_abort(self, client: Client, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_DEADLINE_SECONDS):
+                await client.ws.close(code, reason)
+                await client.gone.wait()
+        except Exception:  # TimeoutError (the peer does not read) or already disconnected
+            pass
+        if not client.gone.is_set():
+            client.abort()
 
     def _send(self, client: Client, message: dict[str, Any]) -> None:
         kind = str(message.get("type"))
@@ -273,25 +339,20 @@ class Gateway:
         self._enqueue(client, Frame(stamp(message), kind))
 
     def _enqueue(self, client: Client, frame: Frame) -> None:
+        if client.detached:
+            return
         result = client.outbox.put(frame)
         if result is None:
             self.metrics.slow_consumers.labels("cart_replaced").inc()
         elif result is False:
             self.metrics.slow_consumers.labels("closed").inc()
-            log.warning("socket %d: outbox full, closing slow consumer", client.id)
-            client.protocol.closed = True
-            if client.writer is not None:
-                client.writer.cancel()
-            self._spawn(self._close_quietly(client, CloseCode.TRY_AGAIN_LATER))
-
-    async def _close_quietly(self, client: Client, code: int) -> None:
-        try:
-            await asyncio.wait_for(client.ws.close(code, "slow consumer"), 2)
-        except Exception:
-            pass
+            log.warning("socket %d: outbox full, dropping slow consumer", client.id)  # once: detached now
+            self._drop(client, CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     async def _apply(self, client: Client, actions: Iterable[Any]) -> None:
         for action in actions:
+            if client.detached:
+                return  # dropped meanwhile (slow consumer, failed writer): nothing more to do
             if isinstance(action, Send):
                 self._send(client, action.message)
             elif isinstance(action, JoinSession):
@@ -303,7 +364,7 @@ class Gateway:
             elif isinstance(action, JoinRoom):
                 await self._join_room(client, action)
             elif isinstance(action, LeaveRoom):
-                await self._leave_room(client, action.room_id)
+                self._leave_room(client, action.room_id)
                 for message in action.replies:
                     self._send(client, message)
             elif isinstance(action, Close):
@@ -314,7 +375,7 @@ class Gateway:
     async def _join_session(self, client: Client, action: JoinSession) -> None:
         key = session_key(action.session_id)
         if client.key != key:
-            await self._leave_session(client)
+            self._leave_session(client)
             client.key = key
             client.cart_seq = 0
             members = self.sessions.setdefault(key, set())
@@ -328,7 +389,7 @@ class Gateway:
         # Claimed before asking: a change after this point is pushed, one before is in the reply.
         await self._request_cart(client, codec.JOIN, None, False)
 
-    async def _leave_session(self, client: Client) -> None:
+    def _leave_session(self, client: Client) -> None:
         key = client.key
         if key is None:
             return
@@ -342,12 +403,7 @@ class Gateway:
         del self.sessions[key]
         self.session_ids.pop(key, None)
         self.metrics.sessions_held.set(len(self.sessions))
-        try:
-            await self.registry.release([key])
-        except RedisError as exc:
-            log.warning("release failed (%s); the lease expires by TTL", exc)
-        if key in self.sessions:  # a tab of it joined while the release was in flight
-            await self._claim([key])
+        self._release_later(key)
 
     # -- entity and user rooms -------------------------------------------------------------
 
@@ -362,7 +418,7 @@ class Gateway:
                 message = {**message, "roomSize": len(members)}
             self._send(client, message)
 
-    async def _leave_room(self, client: Client, room: str) -> None:
+    def _leave_room(self, client: Client, room: str) -> None:
         members = self.rooms.get(room)
         if members is None or client not in members:
             return
@@ -370,15 +426,47 @@ class Gateway:
         if members:
             return
         del self.rooms[room]
-        try:
-            await self.registry.release([room_route(room)])
-        except RedisError as exc:
-            log.warning("release of a room failed (%s); the lease expires by TTL", exc)
-        if room in self.rooms:  # somebody joined while the release was in flight
-            await self._claim([room_route(room)])
+        self._release_later(room_route(room))
 
     def _held_routes(self) -> list[str]:
         return [*self.sessions, *(room_route(room) for room in self.rooms)]
+
+    def _holds(self, route: str) -> bool:
+        if route.startswith("room:"):
+            return route.removeprefix("room:") in self.rooms
+        return route in self.sessions
+
+    def _release_later(self, route: str) -> None:
+        self._to_release.add(route)
+        self._release_wanted.set()
+
+    async def _release_ownership(self) -> None:
+        """Release, in batches, the routes whose last local socket left.
+
+        One pipeline for whatever accumulated, never one Redis call per closing socket: 1000
+        sockets closing at once each awaited their own release, exhausted the pool, and left
+        905 sessions owned in Redis 3 s later. A failed batch is retried; a route that was
+        joined again meanwhile is not released (and is claimed again if the join raced the
+        release in Redis).
+        """
+        while True:
+            await self._release_wanted.wait()
+            self._release_wanted.clear()
+            batch = [route for route in self._to_release if not self._holds(route)]
+            self._to_release.clear()
+            if not batch:
+                continue
+            try:
+                await self.registry.release(batch)
+            except RedisError as exc:
+                log.warning("release of %d route(s) failed (%s); retrying", len(batch), exc)
+                self._to_release.update(batch)
+                await asyncio.sleep(RELEASE_RETRY_SECONDS)
+                self._release_wanted.set()
+                continue
+            rejoined = [route for route in batch if self._holds(route)]
+            if rejoined:
+                await self._claim(rejoined)
 
     async def _claim(self, keys: list[str]) -> None:
         try:
@@ -484,19 +572,18 @@ class Gateway:
 
     async def _on_delivery(self, channel: str, data: bytes) -> None:
         try:
-            envelope = codec.unpack(data)
-            kind = envelope["kind"]
-            if kind == codec.CART:
-                self._deliver_cart(envelope)
-            elif kind == codec.FRAME:
-                self._deliver_frame(envelope)
-            elif kind == codec.RESYNC:
-                await self._resync(envelope)
-            else:
-                raise codec.CodecError(f"unknown kind {kind!r}")
-        except (codec.CodecError, KeyError, TypeError, ValueError) as exc:
+            envelope = codec.decode_delivery(data)  # fully checked before any state changes
+        except codec.CodecError as exc:
             self.metrics.deliveries_invalid.inc()
             log.warning("dropped invalid envelope on %s (%s)", channel, exc)
+            return
+        kind = envelope["kind"]
+        if kind == codec.CART:
+            self._deliver_cart(envelope)
+        elif kind == codec.FRAME:
+            self._deliver_frame(envelope)
+        else:
+            await self._resync(envelope)
 
     def _deliver_cart(self, cart: dict[str, Any]) -> None:
         key, seq = cart["key"], int(cart["seq"])
@@ -541,11 +628,8 @@ class Gateway:
                 self._enqueue(client, Frame(text, "partial_applications_response"))
 
     def _deliver_frame(self, envelope: dict[str, Any]) -> None:
-        text = envelope["frame"]
-        if not isinstance(text, str):
-            raise codec.CodecError("frame is not text")
-        frame = Frame(text, "routed", received_at=envelope.get("received_at"))
-        if envelope.get("broadcast"):
+        frame = Frame(envelope["frame"], "routed", received_at=envelope.get("received_at"))
+        if envelope.get("broadcast") is True:
             members: Iterable[Client] = list(self.clients.values())
         elif "room" in envelope:
             members = self.rooms.get(envelope["room"], ())
@@ -581,7 +665,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await gateway.stop()
 
     def ready() -> dict[str, bool]:
-        return {"redis_subscription": gateway.subscription.healthy, "not_draining": not gateway.draining}
+        return {
+            "redis_subscription": gateway.subscription.healthy,
+            "not_draining": not gateway.draining,
+            "background_tasks": gateway.failure is None,
+        }
 
     async def client_js(request: Request) -> Response:
         # A public static module; CORS so that a page on the booking site's origin can import it.
@@ -597,7 +685,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         WebSocketRoute("/wss", gateway.serve),
         WebSocketRoute("/wss/", gateway.serve),
         WebSocketRoute("/", gateway.serve),
-        *health_routes(ready, gateway.metrics.registry),
+        *health_routes(ready, gateway.metrics.registry, lambda: gateway.failure),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway

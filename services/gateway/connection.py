@@ -7,15 +7,15 @@ close). Tests drive it directly: no server, no sleeps (the clock is injected).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from shared.codec import loads_strict
 from shared.protocol import (
     CloseCode,
     ErrorCode,
@@ -28,7 +28,8 @@ from shared.protocol import (
     user_room_id,
 )
 
-_INT_LIKE = re.compile(r"-?\d{1,18}")
+_INT_LIKE = re.compile(r"\d{1,18}")
+MAX_USER_ID: Final = 2**63 - 1  # a PostgreSQL bigint: user ids beyond it are not ids, and become room names
 NO_SESSION_MESSAGE: Final = "No session found"
 DEFAULT_USER_TYPE: Final = "bookinguser"  # user room of update_user_info without userType
 
@@ -112,11 +113,14 @@ def session_from_cookie(header: str | None, names: tuple[str, ...]) -> tuple[str
     return None, False
 
 
-def is_origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+def is_origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...], scheme: str) -> bool:
     """Cross-site WebSocket hijacking guard (PROTOCOL.md §2).
 
-    No Origin header (not a browser): allowed. `allowed` empty: same origin only (the Origin's
-    host[:port] equals the Host header). Otherwise an exact origin from the list, or `*`.
+    No Origin header (not a browser): allowed. `allowed` empty: same origin only, meaning the
+    Origin's scheme is `scheme` (the scheme the page was served with: `https` behind a TLS
+    proxy, see `TRUST_FORWARDED_PROTO`) and its host[:port] equals the Host header; an
+    `http://site` page is another origin than `https://site`. Otherwise an exact origin from
+    the list, or `*`.
     """
     if origin is None:
         return True
@@ -126,10 +130,20 @@ def is_origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, 
     if not host:
         return False
     try:
-        netloc = urlsplit(origin).netloc
+        parts = urlsplit(origin)
     except ValueError:
         return False
-    return netloc != "" and netloc == host.strip().lower()
+    return parts.scheme == scheme and parts.netloc != "" and parts.netloc == host.strip().lower()
+
+
+def page_scheme(connection_scheme: str, forwarded_proto: str | None, trust_forwarded: bool) -> str:
+    """The scheme a same-origin page was served with: `X-Forwarded-Proto` (first value) when the
+    proxy in front is trusted to set it, else the connection's own (`ws` -> `http`)."""
+    if trust_forwarded and forwarded_proto:
+        proto = forwarded_proto.split(",")[0].strip().lower()
+        if proto in ("http", "https", "ws", "wss"):
+            connection_scheme = proto
+    return "https" if connection_scheme in ("https", "wss") else "http"
 
 
 class TokenBucket:
@@ -153,10 +167,35 @@ class TokenBucket:
 
 
 @dataclass(frozen=True, slots=True)
+class Budget:
+    """A token bucket's shape: `burst` at once, refilled at `per_second`."""
+
+    burst: int
+    per_second: float
+
+
+# Valid messages cost work (a session change costs a SQL query, a claim in Redis and a seq key),
+# so they have budgets too, per socket: any message, and the costly types on their own. Past a
+# budget the socket gets RATE_LIMITED and is closed 1008, like a socket sending bad messages.
+ANY_MESSAGE: Final = "*"
+NEW_SESSION: Final = "update_session:new"  # update_session to an id other than the current one
+DEFAULT_BUDGETS: Final = {
+    ANY_MESSAGE: Budget(60, 20.0),
+    NEW_SESSION: Budget(3, 1 / 30),
+    "get_partial_applications": Budget(10, 1.0),
+    "session_message": Budget(20, 5.0),
+    "subscribe": Budget(60, 2.0),
+    "unsubscribe": Budget(60, 2.0),
+    "update_user_info": Budget(5, 0.1),
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     bad_message_burst: int = 10
     bad_message_refill_per_second: float = 0.2
     max_rooms: int = 50  # entity subscriptions per socket
+    budgets: Mapping[str, Budget] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
 
 
 # -- the protocol --------------------------------------------------------------------------
@@ -173,11 +212,21 @@ class ConnectionProtocol:
     rooms: set[str] = field(default_factory=set)  # entity and user rooms joined
     closed: bool = False
     _bad: TokenBucket = field(init=False)
+    _budgets: dict[str, TokenBucket] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._bad = TokenBucket(
             self.limits.bad_message_burst, self.limits.bad_message_refill_per_second, self.clock
         )
+
+    def _within_budget(self, name: str) -> bool:
+        budget = self.limits.budgets.get(name)
+        if budget is None:
+            return True
+        bucket = self._budgets.get(name)
+        if bucket is None:  # created on first use: most sockets only ever send a few types
+            bucket = self._budgets[name] = TokenBucket(budget.burst, budget.per_second, self.clock)
+        return bucket.take()
 
     @property
     def room_id(self) -> str | None:
@@ -216,8 +265,8 @@ class ConnectionProtocol:
         if self.closed:
             return []
         try:
-            message = json.loads(text)
-        except (ValueError, RecursionError):
+            message = loads_strict(text)
+        except ValueError:
             return self._bad_message(ErrorCode.INVALID_JSON, "Message is not valid JSON")
         if not isinstance(message, dict):
             return self._bad_message(ErrorCode.INVALID_JSON, "Message must be a JSON object")
@@ -229,6 +278,8 @@ class ConnectionProtocol:
                 ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
                 f"Message type {shown[:40]!r} is not supported" if shown else "Message has no type",
             )
+        if not (self._within_budget(ANY_MESSAGE) and self._within_budget(str(kind))):
+            return self._rate_limited(f"Too many {kind} messages; closing")
         return handler(self, message)
 
     # -- handlers --------------------------------------------------------------------------
@@ -257,6 +308,8 @@ class ConnectionProtocol:
             )
         assert isinstance(new, str)
         previous = self.session_id
+        if new != previous and not self._within_budget(NEW_SESSION):
+            return self._rate_limited("Too many session changes; closing")
         action = "set" if previous is None else ("none" if previous == new else "updated")
         was_required = self.session_required
         self.session_id = new
@@ -267,8 +320,8 @@ class ConnectionProtocol:
         user_id = message.get("userId")
         if isinstance(user_id, str) and _INT_LIKE.fullmatch(user_id.strip()):
             user_id = int(user_id)
-        if not isinstance(user_id, int) or isinstance(user_id, bool):
-            return self._bad_message(ErrorCode.INVALID_MESSAGE, "userId must be an integer")
+        if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 < user_id <= MAX_USER_ID:
+            return self._bad_message(ErrorCode.INVALID_MESSAGE, "userId must be a positive integer (bigint)")
         user_type = message.get("userType", DEFAULT_USER_TYPE)
         if not is_valid_room_part(user_type):
             return self._bad_message(ErrorCode.INVALID_MESSAGE, "userType must be a short identifier")
@@ -362,9 +415,12 @@ class ConnectionProtocol:
     def _bad_message(self, code: str, text: str) -> list[Action]:
         if self._bad.take():
             return [Send(error_message(code, text))]
+        return self._rate_limited("Too many invalid messages; closing", "too many invalid messages")
+
+    def _rate_limited(self, text: str, reason: str = "message budget exceeded") -> list[Action]:
         return [
-            Send(error_message(ErrorCode.RATE_LIMITED, "Too many invalid messages; closing")),
-            *self._close(CloseCode.POLICY_VIOLATION, "too many invalid messages"),
+            Send(error_message(ErrorCode.RATE_LIMITED, text)),
+            *self._close(CloseCode.POLICY_VIOLATION, reason),
         ]
 
     def _close(self, code: int, reason: str) -> list[Action]:

@@ -10,6 +10,7 @@ from shared.logconfig import configure_logging
 from shared.settings import GatewaySettings, load_or_exit
 
 from .app import Gateway, create_app
+from .sockets import AbortableWebSocketProtocol, with_handshake_timeout
 
 
 class GatewayServer(uvicorn.Server):
@@ -37,7 +38,8 @@ def uvicorn_config(settings: GatewaySettings, **overrides: object) -> uvicorn.Co
     options: dict[str, object] = {
         "host": settings.host,
         "port": settings.port,
-        "ws": "websockets-sansio",
+        "http": with_handshake_timeout(settings.handshake_timeout_seconds),
+        "ws": AbortableWebSocketProtocol,  # websockets-sansio, plus abort for unwritable peers
         "ws_max_size": settings.max_frame_bytes,  # larger frames: close 1009
         "ws_ping_interval": settings.ws_ping_interval_seconds,
         "ws_ping_timeout": settings.ws_ping_interval_seconds,

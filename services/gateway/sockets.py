@@ -1,0 +1,72 @@
+"""uvicorn's connection protocols, with the two controls a public gateway needs that uvicorn lacks.
+
+* `HandshakeDeadlineH11Protocol`: a connection must finish sending its request head (the
+  WebSocket handshake, or any HTTP request) within `handshake_timeout` seconds of connecting,
+  or it is dropped. uvicorn waits forever for a half-sent request head, so 50 slow-loris
+  sockets stayed open indefinitely.
+* `AbortableWebSocketProtocol`: offers the ASGI app `scope["extensions"]["portico.abort"]`, a
+  callable that drops the TCP connection at once. A peer that stops reading fills its send
+  buffer; uvicorn's `send` (and so a close frame) then waits forever for it to drain, and the
+  socket stays open with megabytes buffered. The gateway aborts such a socket instead.
+
+Both are set on the uvicorn `Config` by `services.gateway.main.uvicorn_config`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+ABORT_EXTENSION = "portico.abort"
+
+
+class HandshakeDeadlineH11Protocol(H11Protocol):
+    handshake_timeout = 10.0  # replaced per server by `with_handshake_timeout`
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = self.loop.call_later(
+            self.handshake_timeout, self._on_deadline
+        )
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        if self.scope is None and not self.transport.is_closing():  # no complete request head yet
+            self.logger.info(
+                "dropped a connection that sent no complete request within %.0fs", self.handshake_timeout
+            )
+            self.transport.abort()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        self._cancel_deadline()  # the transport now belongs to the WebSocket protocol
+        super().handle_websocket_upgrade(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+
+def with_handshake_timeout(seconds: float) -> type[HandshakeDeadlineH11Protocol]:
+    """A protocol class bound to one server's timeout (uvicorn instantiates the class itself)."""
+    return type(
+        "HandshakeDeadlineH11Protocol", (HandshakeDeadlineH11Protocol,), {"handshake_timeout": seconds}
+    )
+
+
+class AbortableWebSocketProtocol(WebSocketsSansIOProtocol):
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        if hasattr(self, "scope"):
+            self.scope["extensions"][ABORT_EXTENSION] = self.abort  # type: ignore[assignment]
+
+    def abort(self) -> None:
+        """Drop the connection now, buffered frames and all (`connection_lost` tells the app)."""
+        self.transport.abort()  # idempotent; also drops a write buffer that close() would wait on
