@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from shared import supervision
 from tests.support.data import seed_reference
 from tests.support.services import postgres_service, redis_service
 from tests.support.stack import Stack, running_stack
@@ -92,3 +93,15 @@ async def small_stack(
     await seed_reference(db)
     async with running_stack(redis_url, database_url, prefix, gateways=1, fetchers=1) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def no_background_task_died() -> Iterator[None]:
+    """Fails any test during which a supervised background loop of a service died with an
+    exception (they must only ever be cancelled). A test that kills one on purpose takes its
+    record out of `supervision.deaths` itself."""
+    before = len(supervision.deaths)
+    yield
+    died = supervision.deaths[before:]
+    del supervision.deaths[before:]
+    assert not died, f"background tasks died during the test: {died}"

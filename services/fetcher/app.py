@@ -34,8 +34,10 @@ def create_app(settings: FetcherSettings) -> Starlette:
             "redis_subscription": fetcher.subscription.healthy,
             "database": fetcher.db_ok,
             "not_stopping": not fetcher.stopping,
+            "background_tasks": fetcher.failure is None,
         }
 
-    app = Starlette(routes=health_routes(ready, fetcher.metrics.registry), lifespan=lifespan)
+    routes = health_routes(ready, fetcher.metrics.registry, lambda: fetcher.failure)
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.fetcher = fetcher
     return app

@@ -8,6 +8,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from shared.codec import loads_strict
+
 from .waiting import eventually
 
 
@@ -15,6 +17,7 @@ class Tab:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.frames: list[dict[str, Any]] = []
+        self.not_json: list[str] = []  # frames a browser's JSON.parse would reject: always a bug
         self.closed_code: int | None = None
         self._reader = asyncio.create_task(self._read())
 
@@ -33,7 +36,10 @@ class Tab:
     async def _read(self) -> None:
         try:
             async for raw in self.ws:
-                self.frames.append(json.loads(raw))
+                try:
+                    self.frames.append(loads_strict(raw))
+                except ValueError:
+                    self.not_json.append(str(raw)[:200])
         except Exception:
             pass
         finally:
