@@ -15,15 +15,34 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
+class CommandError(Exception):
+    """A mistake or an unreachable server: printed as one line, exit status 1."""
+
+
+def fail(message: str) -> None:
+    print(f"portico-push: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _unreachable(what: str, url: str, exc: BaseException) -> CommandError:
+    from shared.settings import redact_url
+
+    detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    return CommandError(f"cannot reach {what} at {redact_url(url)} ({detail}); is the stack running (make run)?")
+
+
 async def publish_trigger(redis_url: str, session_id: str) -> int:
     """Publish exactly what the PHP backend publishes (PROTOCOL.md §5.1); returns receivers."""
     import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
 
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=3)
     try:
         payload = {"type": "update_partial_applications", "sessionId": session_id, "timestamp": now_iso()}
         receivers: int = await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(payload))
         return receivers
+    except (RedisError, OSError) as exc:
+        raise _unreachable("Redis", redis_url, exc) from None
     finally:
         await client.aclose()
 
@@ -31,7 +50,10 @@ async def publish_trigger(redis_url: str, session_id: str) -> int:
 async def add_application(database_url: str, session_id: str, name: str) -> int:
     import asyncpg
 
-    conn = await asyncpg.connect(database_url)
+    try:
+        conn = await asyncpg.connect(database_url, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise _unreachable("PostgreSQL", database_url, exc) from None
     try:
         app_id: int = await conn.fetchval(
             """
@@ -53,6 +75,8 @@ async def add_application(database_url: str, session_id: str, name: str) -> int:
             "INSERT INTO bb_application_resource (application_id, resource_id) VALUES ($1, 1)", app_id
         )
         return app_id
+    except asyncpg.UndefinedTableError:
+        raise CommandError("the database has no Portico tables (make run loads them)") from None
     finally:
         await conn.close()
 
@@ -61,7 +85,11 @@ async def listen(url: str, session_id: str | None, origin: str | None) -> None:
     from websockets.asyncio.client import connect
 
     headers = {"Cookie": f"bookingfrontendsession={session_id}"} if session_id else {}
-    async with connect(url, additional_headers=headers, origin=origin, proxy=None) as ws:  # type: ignore[arg-type]
+    try:
+        ws = await connect(url, additional_headers=headers, origin=origin, proxy=None, open_timeout=5)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise _unreachable("the gateway", url, exc) from None
+    async with ws:
         print(f"connected to {url}", file=sys.stderr)
         async for raw in ws:
             message = json.loads(raw)
@@ -111,22 +139,40 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command in ("trigger", "add-application") and not is_valid_session_id(args.session_id):
         parser.error("session_id must be 1-128 characters of A-Z, a-z, 0-9, ',' and '-'")
+    try:
+        run_command(args, redis_url)
+    except CommandError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+def run_command(args: argparse.Namespace, redis_url: str) -> None:
     if args.command == "trigger":
         receivers = asyncio.run(publish_trigger(redis_url, args.session_id))
+        _check_heard(receivers, redis_url)
         print(f"published update_partial_applications ({receivers} fetcher(s) listening)")
     elif args.command == "add-application":
         app_id = asyncio.run(
             add_application(os.environ.get("DATABASE_URL", DEFAULT_DATABASE), args.session_id, args.name)
         )
         receivers = asyncio.run(publish_trigger(redis_url, args.session_id))
+        _check_heard(receivers, redis_url, f"added application {app_id}, but ")
         print(
             f"added application {app_id}; published update_partial_applications ({receivers} fetcher(s) listening)"
         )
     elif args.command == "listen":
-        try:
-            asyncio.run(listen(args.url, args.session, args.origin))
-        except KeyboardInterrupt:
-            pass
+        asyncio.run(listen(args.url, args.session, args.origin))
+
+
+def _check_heard(receivers: int, redis_url: str, prefix: str = "") -> None:
+    if receivers == 0:
+        from shared.settings import redact_url
+
+        raise CommandError(
+            f"{prefix}no fetcher is listening on {redact_url(redis_url)}: nobody will push this "
+            "(is the stack running, and is REDIS_URL the stack's Redis?)"
+        )
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ class LocalRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) must
+            # not kill the server before the services that use it are stopped.
+            start_new_session=True,
         )
         _wait_port(self.port, 10, "redis-server")
         return self
@@ -152,7 +155,15 @@ class LocalPostgres:
                         os.chown(os.path.join(root, entry), user.pw_uid, user.pw_gid)
                 kwargs = {"user": user.pw_uid, "group": user.pw_gid}
                 break
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
+        # Its own session (the postmaster inherits it from pg_ctl): see LocalRedis.start.
+        subprocess.run(
+            args,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            **kwargs,
+        )  # type: ignore[call-overload]
 
     def start(self) -> LocalPostgres:
         if not os.path.exists(os.path.join(self.data, "PG_VERSION")):
