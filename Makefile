@@ -9,8 +9,9 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
+	@echo "make install: creating $(VENV) and installing Portico Push with its pinned dependencies (about a minute)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
 	@# No Redis or PostgreSQL binaries on this machine: take the ones shipped as wheels.
 	@if ! $(BIN)/python -c 'from services.localservers import find_redis_server as r, find_postgres_bin as p; r(); p()' 2>/dev/null; then \
 		echo "installing Redis/PostgreSQL server binaries from PyPI (extra 'local')"; \

@@ -19,31 +19,79 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+def _with_labels(metric: Counter, *values: str) -> Counter:
+    """Export every known label value at 0 from the start: a labelled counter that has no
+    series until its first event shows "No data" in dashboards and breaks `rate()` alerts."""
+    for value in values:
+        metric.labels(value)
+    return metric
+
+
+# The known label values, in one place (a new value used in code should be added here).
+HANDSHAKE_REJECTIONS = ("origin", "draining", "capacity")
+SLOW_CONSUMER_ACTIONS = ("cart_replaced", "closed")
+CLIENT_ERROR_CODES = (
+    "NO_SESSION",
+    "INVALID_SESSION_ID",
+    "INVALID_JSON",
+    "INVALID_MESSAGE",
+    "UNSUPPORTED_MESSAGE_TYPE",
+    "RATE_LIMITED",
+)
+INVALID_INPUT_REASONS = (
+    "too_large",
+    "not_json",
+    "not_object",
+    "unknown_type",
+    "reserved_type",
+    "bad_session_id",
+    "bad_data",
+    "bad_room",
+    "bad_request",
+)
+TRIGGER_TYPES = (
+    "update_partial_applications",
+    "session_targeted",
+    "refresh_bookinguser",
+    "notifications",
+    "room_messages",
+)
+REQUEST_KINDS = ("get", "join", "refresh")
+DELIVERY_KINDS = ("cart", "frame", "room", "broadcast")
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         ns = "portico_gateway"
         self.connections = Gauge(f"{ns}_connections", "Open WebSocket connections", registry=r)
         self.sessions_held = Gauge(f"{ns}_sessions_held", "Sessions with a socket here", registry=r)
-        self.handshakes_rejected = Counter(
-            f"{ns}_handshakes_rejected_total", "Handshakes refused", ["reason"], registry=r
+        self.handshakes_rejected = _with_labels(
+            Counter(f"{ns}_handshakes_rejected_total", "Handshakes refused", ["reason"], registry=r),
+            *HANDSHAKE_REJECTIONS,
         )
-        self.messages_received = Counter(
-            f"{ns}_messages_received_total", "Client messages by type", ["type"], registry=r
+        self.messages_received = _with_labels(
+            Counter(f"{ns}_messages_received_total", "Client messages by type", ["type"], registry=r),
+            "text",
+            "binary",
         )
         self.messages_sent = Counter(
             f"{ns}_messages_sent_total", "Frames written to sockets by type", ["type"], registry=r
         )
         self.bytes_sent = Counter(f"{ns}_sent_bytes_total", "Bytes written to sockets", registry=r)
         self.send_failures = Counter(f"{ns}_send_failures_total", "Failed socket writes", registry=r)
-        self.client_errors = Counter(
-            f"{ns}_client_errors_total", "Error replies sent to clients", ["code"], registry=r
+        self.client_errors = _with_labels(
+            Counter(f"{ns}_client_errors_total", "Error replies sent to clients", ["code"], registry=r),
+            *CLIENT_ERROR_CODES,
         )
-        self.slow_consumers = Counter(
-            f"{ns}_slow_consumer_total",
-            "Slow-consumer actions: a queued cart replaced, or a socket closed on overflow",
-            ["action"],
-            registry=r,
+        self.slow_consumers = _with_labels(
+            Counter(
+                f"{ns}_slow_consumer_total",
+                "Slow-consumer actions: a queued cart replaced, or a socket closed on overflow",
+                ["action"],
+                registry=r,
+            ),
+            *SLOW_CONSUMER_ACTIONS,
         )
         self.stale_carts_dropped = Counter(
             f"{ns}_stale_carts_dropped_total", "Cart pushes older than one already sent", registry=r
@@ -78,11 +126,13 @@ class FetcherMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         ns = "portico_fetcher"
-        self.triggers = Counter(
-            f"{ns}_triggers_total", "Valid messages on session_messages by type", ["type"], registry=r
+        self.triggers = _with_labels(
+            Counter(f"{ns}_triggers_total", "Valid messages on session_messages by type", ["type"], registry=r),
+            *TRIGGER_TYPES,
         )
-        self.triggers_invalid = Counter(
-            f"{ns}_triggers_invalid_total", "Dropped malformed inputs", ["reason"], registry=r
+        self.triggers_invalid = _with_labels(
+            Counter(f"{ns}_triggers_invalid_total", "Dropped malformed inputs", ["reason"], registry=r),
+            *INVALID_INPUT_REASONS,
         )
         self.triggers_other_shard = Counter(
             f"{ns}_triggers_other_shard_total", "Triggers left to the fetcher owning the shard", registry=r
@@ -93,8 +143,9 @@ class FetcherMetrics:
         self.triggers_unheld = Counter(
             f"{ns}_triggers_unheld_total", "Triggers for sessions no gateway holds", registry=r
         )
-        self.requests = Counter(
-            f"{ns}_requests_total", "Requests from gateways by kind", ["kind"], registry=r
+        self.requests = _with_labels(
+            Counter(f"{ns}_requests_total", "Requests from gateways by kind", ["kind"], registry=r),
+            *REQUEST_KINDS,
         )
         self.fetch_duration = Histogram(
             f"{ns}_fetch_duration_seconds", "Cart query time", buckets=_LATENCY_BUCKETS, registry=r
@@ -108,8 +159,9 @@ class FetcherMetrics:
         self.work_failed = Counter(
             f"{ns}_work_failed_total", "Fetch or delivery work that failed and was retried", registry=r
         )
-        self.deliveries_published = Counter(
-            f"{ns}_deliveries_published_total", "Envelopes published to gateways", ["kind"], registry=r
+        self.deliveries_published = _with_labels(
+            Counter(f"{ns}_deliveries_published_total", "Envelopes published to gateways", ["kind"], registry=r),
+            *DELIVERY_KINDS,
         )
         self.shards_held = Gauge(f"{ns}_shards_held", "Shards this fetcher serves", registry=r)
         self.shards_configured = Gauge(
