@@ -28,7 +28,9 @@ def _unreachable(what: str, url: str, exc: BaseException) -> CommandError:
     from shared.settings import redact_url
 
     detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    return CommandError(f"cannot reach {what} at {redact_url(url)} ({detail}); is the stack running (make run)?")
+    return CommandError(
+        f"cannot reach {what} at {redact_url(url)} ({detail}); is the stack running (make run)?"
+    )
 
 
 async def publish_trigger(redis_url: str, session_id: str) -> int:

@@ -197,9 +197,9 @@ class LocalPostgres:
         _wait_port(self.port, 30, "postgres")
         return self
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "immediate") -> None:
         try:
-            self._run(str(self.bin / "pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "stop")
+            self._run(str(self.bin / "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop")
         except subprocess.CalledProcessError:
             pass
 

@@ -127,7 +127,9 @@ class FetcherMetrics:
         r = self.registry = CollectorRegistry()
         ns = "portico_fetcher"
         self.triggers = _with_labels(
-            Counter(f"{ns}_triggers_total", "Valid messages on session_messages by type", ["type"], registry=r),
+            Counter(
+                f"{ns}_triggers_total", "Valid messages on session_messages by type", ["type"], registry=r
+            ),
             *TRIGGER_TYPES,
         )
         self.triggers_invalid = _with_labels(
@@ -160,7 +162,9 @@ class FetcherMetrics:
             f"{ns}_work_failed_total", "Fetch or delivery work that failed and was retried", registry=r
         )
         self.deliveries_published = _with_labels(
-            Counter(f"{ns}_deliveries_published_total", "Envelopes published to gateways", ["kind"], registry=r),
+            Counter(
+                f"{ns}_deliveries_published_total", "Envelopes published to gateways", ["kind"], registry=r
+            ),
             *DELIVERY_KINDS,
         )
         self.shards_held = Gauge(f"{ns}_shards_held", "Shards this fetcher serves", registry=r)

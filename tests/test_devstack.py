@@ -77,10 +77,18 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     ("args", "env", "says"),
     [
         (("trigger", "someSession1"), {"REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
-        (("add-application", "someSession1"), {"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x"}, "cannot reach PostgreSQL"),
+        (
+            ("add-application", "someSession1"),
+            {"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x"},
+            "cannot reach PostgreSQL",
+        ),
         (("listen", "ws://127.0.0.1:1/wss"), {}, "cannot reach the gateway"),
         (("stack",), {"REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
-        (("stack",), {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "postgresql://127.0.0.1:1/x"}, "cannot"),
+        (
+            ("stack",),
+            {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "postgresql://127.0.0.1:1/x"},
+            "cannot",
+        ),
     ],
 )
 def test_cli_mistakes_are_one_clear_line_and_a_failure(args, env, says):
