@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test chaos lint bench clean
 
 install: $(VENV)/.installed
 
@@ -25,10 +25,13 @@ run: install
 test: install
 	$(BIN)/pytest
 
+chaos: install    # only the chaos suite and the fuzzing (also part of `make test`), figures printed
+	$(BIN)/pytest -m chaos -s
+
 lint: install
 	$(BIN)/ruff check shared services tests benchmarks
 	$(BIN)/ruff format --check shared services tests benchmarks
-	$(BIN)/mypy shared services
+	$(BIN)/mypy shared services benchmarks
 
 bench: install
 	$(BIN)/python -m benchmarks.idle_memory

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from services.gateway.frames import render_cart
@@ -21,7 +22,7 @@ from shared.codec import dumps
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "cart.json"
 
 
-def best_of(repeats: int, fn) -> float:
+def best_of(repeats: int, fn: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()

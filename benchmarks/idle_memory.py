@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 from services.localservers import LocalRedis, free_port
 
@@ -45,7 +46,7 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def open_tabs(url: str, count: int) -> list:
+async def open_tabs(url: str, count: int) -> list[Any]:
     from websockets.asyncio.client import connect
 
     tabs = []
