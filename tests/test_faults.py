@@ -10,9 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.localservers import LocalRedis
-from shared.protocol import session_key, shard_of
+from shared.protocol import session_key
 from tests.support.data import add_application, seed_reference
-from tests.support.stack import Stack, running_stack, trigger
+from tests.support.stack import Stack, running_stack, session_served_by, trigger
 from tests.support.tabs import Tab
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import eventually
@@ -152,11 +152,7 @@ async def test_postgres_cut_off_sends_errors_then_recovers(redis_url, database_u
 
 async def test_a_dead_fetchers_shards_are_taken_over_and_its_sessions_converge(stack: Stack, db, redis_url):
     dead, survivor = stack.fetchers
-    sid = next(
-        f"orphan-{i}"
-        for i in range(10_000)
-        if dead.leases.owns(shard_of(session_key(f"orphan-{i}"), dead.settings.shards))
-    )
+    sid = session_served_by(dead, "orphan")
     await add_application(db, sid)
     tabs = await tabs_on_every_gateway(stack, sid)
     # Die without releasing anything, like a killed pod.

@@ -15,10 +15,9 @@ import redis.asyncio as aioredis
 from services.fetcher.shards import ShardLeases
 from shared import supervision
 from shared.keys import NOTIFICATIONS_CHANNEL, Keys
-from shared.protocol import session_key, shard_of
 from tests.support.data import add_application, seed_reference
 from tests.support.metrics import metric_value
-from tests.support.stack import Stack, trigger
+from tests.support.stack import Stack, session_served_by, trigger
 from tests.support.tabs import Tab
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import eventually
@@ -189,11 +188,7 @@ async def test_a_dead_essential_loop_fails_liveness_and_hands_the_shards_over(st
     kept its leases while its subscription task was dead, black-holing its shards. Now the
     death fails liveness and releases the leases; the other fetcher serves everything."""
     doomed, survivor = stack.fetchers
-    sid = next(
-        f"blackhole-{i}"
-        for i in range(10_000)
-        if doomed.leases.owns(shard_of(session_key(f"blackhole-{i}"), doomed.settings.shards))
-    )
+    sid = session_served_by(doomed, "blackhole")
     await add_application(db, sid)
     tab = await Tab.open(stack.gateways[0].url, session=sid)
     await tab.wait_pushes(1)

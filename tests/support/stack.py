@@ -16,6 +16,7 @@ from services.fetcher.store import PostgresCartStore
 from services.gateway.app import Gateway
 from services.gateway.main import GatewayServer, uvicorn_config
 from services.localservers import free_port
+from shared.protocol import session_key, shard_of
 from shared.settings import FetcherSettings, GatewaySettings, RedisSettings
 
 from .waiting import eventually
@@ -141,6 +142,15 @@ async def running_stack(
         yield stack
     finally:
         await stack.close()
+
+
+def session_served_by(fetcher: Fetcher, prefix: str) -> str:
+    """A session id (`<prefix>-<n>`) whose shard `fetcher` holds now."""
+    return next(
+        f"{prefix}-{i}"
+        for i in range(10_000)
+        if fetcher.leases.owns(shard_of(session_key(f"{prefix}-{i}"), fetcher.settings.shards))
+    )
 
 
 async def trigger(redis_url: str, session_id: str) -> None:
