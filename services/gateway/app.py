@@ -73,7 +73,18 @@ RELEASE_RETRY_SECONDS = 0.5
 class Client:
     """One open socket."""
 
-    __slots__ = ("cart_seq", "detached", "gone", "id", "key", "outbox", "protocol", "writer", "ws")
+    __slots__ = (
+        "cart_seq",
+        "detached",
+        "finished",
+        "gone",
+        "id",
+        "key",
+        "outbox",
+        "protocol",
+        "writer",
+        "ws",
+    )
 
     def __init__(self, client_id: int, ws: WebSocket, protocol: ConnectionProtocol, outbox: Outbox):
         self.id = client_id
@@ -84,7 +95,9 @@ class Client:
         self.cart_seq = 0  # seq of the newest cart sent: older ones are never sent after it
         self.writer: asyncio.Task[None] | None = None
         self.detached = False  # out of every map: receives nothing more
-        self.gone = asyncio.Event()  # set when the connection is over (serve returned)
+        self.finished = False  # the connection is over (serve returned)
+        # Created only for a socket being dropped (idle sockets stay small); set when finished.
+        self.gone: asyncio.Event | None = None
 
     def abort(self) -> None:
         """Drop the TCP connection now (`sockets.AbortableWebSocketProtocol`)."""
@@ -274,7 +287,9 @@ class Gateway:
             self._detach(client)
             if client.writer is not None and not client.writer.done():
                 client.writer.cancel()
-            client.gone.set()
+            client.finished = True
+            if client.gone is not None:
+                client.gone.set()
             self.clients.pop(client.id, None)
             self.metrics.connections.dec()
 
@@ -323,13 +338,16 @@ class Gateway:
         self._spawn(self._close_or_abort(client, code, reason))
 
     async def _close_or_abort(self, client: Client, code: int, reason: str) -> None:
+        if client.finished:
+            return
+        gone = client.gone = asyncio.Event()
         try:
             async with asyncio.timeout(CLOSE_DEADLINE_SECONDS):
                 await client.ws.close(code, reason)
-                await client.gone.wait()
+                await gone.wait()
         except Exception:  # TimeoutError (the peer does not read) or already disconnected
             pass
-        if not client.gone.is_set():
+        if not client.finished:
             client.abort()
 
     def _send(self, client: Client, message: dict[str, Any]) -> None:
