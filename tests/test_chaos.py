@@ -2,8 +2,8 @@
 
 3 gateways and 2 fetchers run as separate processes (so they can be SIGKILLed) against a Redis
 and a PostgreSQL this test starts itself (so they can be restarted). 40 sessions have 3 tabs
-each that reconnect like the browser client. A loader changes a random session's cart (its
-application is renamed `v<N>`) and publishes the trigger, 40 times a second. For each fault:
+each that reconnect like the browser client (`ReconnectingTab`). A loader changes a random
+session's cart (its application is renamed `v<N>`) and publishes the trigger, 40 times a second. For each fault:
 load, fault, heal, load, stop the load, then measure how long until every tab shows its
 session's final version. Asserted for every fault: every tab converges within
 `CONVERGENCE_BOUND` seconds, no tab ever sees `seq` go back, and no final state is lost. The
@@ -13,7 +13,6 @@ figures are printed (`make chaos` shows them) and quoted in the README.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -21,18 +20,18 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from websockets.asyncio.client import connect
 
 from services.cli import publish_trigger
 from services.localservers import LocalPostgres, LocalRedis, free_port
 from tests.conftest import SCHEMA_SQL
 from tests.support.data import add_application, seed_reference
+from tests.support.tabs import ReconnectingTab
 from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.chaos, pytest.mark.slow]
@@ -83,66 +82,24 @@ class Service:
             await eventually(ready, 30, 0.1, what=f"{self.module} ready")
 
 
-@dataclass
-class ChaosTab:
-    """Reconnects like the browser client (to its preferred gateway first, else any), keeps
-    every cart it was pushed or answered, and checks that `seq` never goes back."""
+def version(tab: ReconnectingTab) -> int | None:
+    """The `v<N>` of the newest cart the tab shows (None: no cart yet, or an error cart)."""
+    carts = [f["data"] for f in tab.frames if f.get("type") == "partial_applications_response"]
+    if not carts or carts[-1].get("error"):
+        return None
+    applications = carts[-1].get("applications") or []
+    return int(applications[0]["name"][1:]) if applications else None
 
-    session: str
-    urls: list[str]
-    carts: list[dict[str, Any]] = field(default_factory=list)
-    seq_went_back: int = 0
-    reconnects: int = 0
-    _task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        first = True
-        while True:
-            for url in self.urls:
-                try:
-                    ws = await connect(
-                        url,
-                        additional_headers={"Cookie": f"bookingfrontendsession={self.session}"},
-                        proxy=None,
-                        open_timeout=2,
-                    )
-                except Exception:
-                    continue
-                if not first:
-                    self.reconnects += 1
-                first = False
-                delay = random.uniform(0, 0.5)
-                try:
-                    async for raw in ws:
-                        message = json.loads(raw)
-                        if message.get("type") == "partial_applications_response":
-                            data = message["data"]
-                            if self.carts and data["seq"] < self.carts[-1]["seq"]:
-                                self.seq_went_back += 1
-                            else:
-                                self.carts.append(data)
-                        elif message.get("type") == "reconnect_required":
-                            delay = message.get("retryAfterMs", 0) / 1000
-                except Exception:
-                    pass
-                await asyncio.sleep(delay)
-                break
-            else:
-                await asyncio.sleep(0.2)
-
-    def version(self) -> int | None:
-        if not self.carts or self.carts[-1].get("error"):
-            return None
-        applications = self.carts[-1].get("applications") or []
-        return int(applications[0]["name"][1:]) if applications else None
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+def seq_went_back(tab: ReconnectingTab) -> int:
+    """How often the tab was sent a cart older than one it had (across its reconnects)."""
+    newest, back = 0, 0
+    for frame in tab.frames:
+        if frame.get("type") == "partial_applications_response":
+            seq = frame["data"]["seq"]
+            back += seq < newest
+            newest = max(newest, seq)
+    return back
 
 
 class Loader:
@@ -189,7 +146,7 @@ async def chaos(tmp_path) -> AsyncIterator[dict[str, Any]]:
     redis = LocalRedis().start()
     postgres = LocalPostgres().start()
     services: list[Service] = []
-    tabs: list[ChaosTab] = []
+    tabs: list[ReconnectingTab] = []
     try:
         conn = await asyncpg.connect(postgres.url)
         await conn.execute(SCHEMA_SQL)
@@ -230,10 +187,10 @@ async def chaos(tmp_path) -> AsyncIterator[dict[str, Any]]:
         for i, sid in enumerate(sessions):
             for t in range(TABS_PER_SESSION):
                 k = (i + t) % len(urls)
-                tab = ChaosTab(sid, urls[k:] + urls[:k])
-                tab.start()
-                tabs.append(tab)
-        await eventually(lambda: all(tab.version() == 0 for tab in tabs), 30, what="every tab has its cart")
+                tabs.append(
+                    await ReconnectingTab(urls[k:] + urls[:k], sid).start()
+                )  # preferred gateway first
+        await eventually(lambda: all(version(tab) == 0 for tab in tabs), 30, what="every tab has its cart")
         yield {
             "redis": redis,
             "postgres": postgres,
@@ -260,15 +217,15 @@ async def converge(env: dict[str, Any]) -> float:
     started = time.monotonic()
 
     def converged() -> bool:
-        return all(tab.version() == loader.final[tab.session] for tab in env["tabs"])
+        return all(version(tab) == loader.final[tab.session] for tab in env["tabs"])
 
     try:
         await eventually(converged, CONVERGENCE_BOUND, 0.05, what="every tab on its final cart")
     except AssertionError:
         behind = [
-            (t.session, t.version(), loader.final[t.session])
+            (t.session, version(t), loader.final[t.session])
             for t in env["tabs"]
-            if t.version() != loader.final[t.session]
+            if version(t) != loader.final[t.session]
         ]
         raise AssertionError(
             f"{len(behind)} tab(s) not on their final cart after {CONVERGENCE_BOUND}s: {behind[:5]}"
@@ -345,7 +302,7 @@ async def test_every_tab_converges_after_every_fault(chaos):
     await fault("PostgreSQL fast shutdown for 5 s", stop_postgres, start_postgres)
     await fault("SIGTERM each gateway in turn", rolling_restart, nothing)
 
-    tabs: list[ChaosTab] = env["tabs"]
+    tabs: list[ReconnectingTab] = env["tabs"]
     print(
         f"\nchaos: {len(tabs)} tabs over {SESSIONS} sessions, 3 gateways, 2 fetchers, {CHANGES_PER_SECOND} changes/s"
     )
@@ -353,9 +310,9 @@ async def test_every_tab_converges_after_every_fault(chaos):
         print(f"  {name:<42} every tab on its final cart {seconds:5.2f} s after the load stopped")
     print(
         f"  {loader.version} changes ({loader.failed_writes} refused by the stopped database), "
-        f"{sum(t.reconnects for t in tabs)} reconnects, seq went back {sum(t.seq_went_back for t in tabs)} times, "
+        f"{sum(len(t.connects) - 1 for t in tabs)} reconnects, seq went back {sum(map(seq_went_back, tabs))} times, "
         f"lost final states 0"
     )
-    assert sum(t.seq_went_back for t in tabs) == 0
+    assert sum(map(seq_went_back, tabs)) == 0
     for service in env["services"]:
         assert service.process is not None and service.process.poll() is None, f"{service.module} died"
