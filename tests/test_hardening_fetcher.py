@@ -202,12 +202,14 @@ async def test_a_dead_essential_loop_fails_liveness_and_hands_the_shards_over(st
     await eventually(lambda: doomed.failure is not None, 10, what="death noticed")
     await eventually(lambda: len(survivor.leases.held()) == survivor.settings.shards, 10, what="taken over")
     assert not doomed.ready
-    from services.fetcher.app import create_app  # the real health endpoint around this fetcher
+    # The fetcher app's /healthz reads its fetcher's `failure`: build one and give it this death.
+    from services.fetcher.app import create_app
 
     app = create_app(doomed.settings)
     app.state.fetcher.failure = doomed.failure
     route = next(r for r in app.routes if getattr(r, "path", "") == "/healthz")
     response = await route.endpoint(None)  # type: ignore[attr-defined]
+    await app.state.fetcher.client.aclose()
     assert response.status_code == 503 and b"a bug in the subscription loop" in response.body
     await add_application(db, sid)
     await trigger(redis_url, sid)

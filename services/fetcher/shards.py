@@ -141,7 +141,7 @@ class ShardLeases:
             if lost:
                 log.warning("shard leases: lost %d shard(s) to expiry", len(lost))
             self._held = still
-        lapsed = bool(self._held) and self._valid_until and time.monotonic() >= self._valid_until
+        lapsed = bool(self._held) and 0 < self._valid_until <= time.monotonic()  # 0: never renewed yet
         # Trust the leases until slightly before they can expire in Redis.
         self._valid_until = started + self._ttl * 0.8
         if lapsed:
