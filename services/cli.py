@@ -24,13 +24,17 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
-def _unreachable(what: str, url: str, exc: BaseException) -> CommandError:
+def server_problem(what: str, url: str, exc: BaseException) -> str:
+    """`cannot reach Redis at redis://:***@host/0 (first line of the error)`: one line, no
+    password. Shared by the CLI commands and `portico-push stack`."""
     from shared.settings import redact_url
 
     detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    return CommandError(
-        f"cannot reach {what} at {redact_url(url)} ({detail}); is the stack running (make run)?"
-    )
+    return f"cannot reach {what} at {redact_url(url)} ({detail})"
+
+
+def _unreachable(what: str, url: str, exc: BaseException) -> CommandError:
+    return CommandError(f"{server_problem(what, url, exc)}; is the stack running (make run)?")
 
 
 async def publish_trigger(redis_url: str, session_id: str) -> int:

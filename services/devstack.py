@@ -26,6 +26,7 @@ from pathlib import Path
 
 import asyncpg
 
+from services.cli import server_problem
 from services.localservers import LocalPostgres, LocalRedis, free_port
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "sql"
@@ -78,25 +79,20 @@ class StackError(Exception):
 def _check_redis(url: str) -> None:
     import redis
 
-    from shared.settings import redact_url
-
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
-        raise StackError(f"cannot reach Redis at {redact_url(url)} ({exc})") from None
+        raise StackError(server_problem("Redis", url, exc)) from None
     finally:
         client.close()
 
 
 async def _check_database(url: str) -> bool:
-    from shared.settings import redact_url
-
     try:
         return await ensure_schema(url)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise StackError(f"cannot use PostgreSQL at {redact_url(url)} ({detail})") from None
+        raise StackError(server_problem("PostgreSQL", url, exc)) from None
 
 
 def run_stack() -> int:
