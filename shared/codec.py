@@ -3,9 +3,12 @@
 Envelopes are maps with a `kind`. Carts travel with their `applications` already encoded as
 JSON text (bytes), so a gateway splices them into frames without decoding or re-encoding.
 
-  fetcher -> gateway channel      cart, frame
+  fetcher -> gateway channel      cart, frame, or a batch of them (one publish per gateway
+                                  per fetch batch: a mass invalidation is a few messages)
   gateway -> gateway channel      frame (a tab's session_message to the other tabs)
-  gateway -> fetcher requests     get (a tab asks), join (a tab joined), refresh (gateway resync)
+  gateway -> fetcher requests     requests (tabs that joined or asked, batched: [sid, token,
+                                  get|join] items), refresh (gateway resync); get and join
+                                  singly are still accepted from gateways of an older release
   fetcher -> all gateways         resync (these shards changed hands: ask again)
 """
 
@@ -22,6 +25,8 @@ GET = "get"  # a tab asked: reply to that socket with its requestId
 JOIN = "join"  # a tab joined the session: send it the cart as a push
 REFRESH = "refresh"
 RESYNC = "resync"
+REQUESTS = "requests"  # a gateway's batch of get/join requests
+BATCH = "batch"  # a fetcher's batch of cart and frame envelopes for one gateway
 
 
 class CodecError(ValueError):
@@ -107,10 +112,32 @@ def _check_json_text(text: str, opener: str, closer: str, what: str) -> None:
         raise CodecError(f"{what} is not a JSON {'array' if opener == '[' else 'object'}")
 
 
+def decode_deliveries(data: bytes) -> list[dict[str, Any] | CodecError]:
+    """The envelopes of one message on a gateway's channel, every field checked: a single
+    envelope, or each item of a batch. An invalid item is returned as its CodecError in its
+    place, so that it costs only itself; a message that is not an envelope raises CodecError."""
+    envelope = unpack(data)
+    if envelope["kind"] != BATCH:
+        return [check_delivery(envelope)]
+    items = _field(envelope, "items", list)
+    checked: list[dict[str, Any] | CodecError] = []
+    for item in items:
+        try:
+            if not isinstance(item, dict) or item.get("kind") == BATCH:
+                raise CodecError("batch: an item is not a cart or frame envelope")
+            checked.append(check_delivery(item))
+        except CodecError as exc:
+            checked.append(exc)
+    return checked
+
+
 def decode_delivery(data: bytes) -> dict[str, Any]:
     """A fetcher's or gateway's envelope for this gateway, every field checked (CodecError)."""
-    envelope = unpack(data)
-    kind = envelope["kind"]
+    return check_delivery(unpack(data))
+
+
+def check_delivery(envelope: dict[str, Any]) -> dict[str, Any]:
+    kind = envelope.get("kind")
     received_at = envelope.get("received_at")
     if received_at is not None and not isinstance(received_at, int | float):
         raise CodecError(f"{kind}: received_at is not a number")

@@ -19,18 +19,33 @@ class Keys:
     prefix: str = "portico:"
 
     def route_owners(self, route: str) -> str:
-        """ZSET gateway_id -> lease expiry (ms, Redis clock): the gateways holding a socket of a
+        """ZSET gateway_id -> claim time (ms, Redis clock): the gateways holding a socket of a
         route. A route is a session key (a session's tabs) or `room:<room id>` (an entity or
-        user room, see `shared.protocol.room_route`). Written by gateways (claim/refresh/
-        release), read by fetchers and gateways (owners). Key TTL = ownership TTL, refreshed."""
+        user room, see `shared.protocol.room_route`). Written by gateways (claim/release),
+        read by fetchers and gateways (owners, which prune gateways that are not alive). Key
+        TTL 1 day, re-claimed every 6 h while held."""
         if route.startswith("room:"):
             return f"{self.prefix}{route}:owners"
         return f"{self.prefix}session:{route}:owners"
 
     def session_seq(self, session_key: str) -> str:
         """STRING last cart `seq` of a session. Written by fetchers only (never below the Redis
-        clock in microseconds, so a lost key cannot make seq go backwards). TTL 1 day."""
+        clock in microseconds, so a lost key cannot make seq go backwards). TTL 15 min."""
         return f"{self.prefix}session:{session_key}:seq"
+
+    def session_cart(self, session_key: str) -> str:
+        """STRING msgpack snapshot of the session's latest cart, with its `seq`. Written by
+        fetchers after a read, only while that seq is still the session's latest; deleted by
+        the next trigger. Read by fetchers to answer joins without PostgreSQL (a deploy does not
+        re-read unchanged carts). TTL `CART_SNAPSHOT_TTL_SECONDS`."""
+        return f"{self.prefix}session:{session_key}:cart"
+
+    @property
+    def gateways_alive(self) -> str:
+        """ZSET gateway_id -> liveness expiry (ms, Redis clock). Written by each gateway's
+        heartbeat (every ownership TTL / 3), read by every owners lookup: an owner that is not
+        alive here does not count (`shared.registry`)."""
+        return f"{self.prefix}gateways:alive"
 
     def gateway_channel(self, gateway_id: str) -> str:
         """CHANNEL msgpack deliveries for one gateway. Published by fetchers (carts, routed

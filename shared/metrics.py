@@ -153,6 +153,21 @@ class FetcherMetrics:
             f"{ns}_fetch_duration_seconds", "Cart query time", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.db_errors = Counter(f"{ns}_db_errors_total", "Failed cart queries", registry=r)
+        self.cart_queries = Counter(
+            f"{ns}_cart_queries_total", "Cart SQL statements (one per batch of sessions)", registry=r
+        )
+        self.carts_read = Counter(f"{ns}_carts_read_total", "Carts read from PostgreSQL", registry=r)
+        self.carts_from_snapshot = Counter(
+            f"{ns}_carts_from_snapshot_total",
+            "Carts served from the Redis snapshot instead of PostgreSQL (joins, requests)",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{ns}_batch_sessions",
+            "Sessions per fetch batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.carts_unshapeable = Counter(
             f"{ns}_carts_unshapeable_total",
             "Carts whose rows cannot be shaped into JSON (sent as an error cart)",

@@ -208,6 +208,9 @@ class FetcherSettings:
     shards: int = 64
     lease_ttl_seconds: float = 6.0
     fetch_concurrency: int = 8
+    fetch_batch_max: int = 64
+    fetch_batch_window_seconds: float = 0.002
+    cart_snapshot_ttl_seconds: float = 3600.0
     db_pool_size: int = 8
     db_timeout_seconds: float = 5.0
     max_payload_bytes: int = 1024 * 1024
@@ -236,6 +239,11 @@ class FetcherSettings:
             shards=env.integer("SHARDS", 64, low=1, high=4096),
             lease_ttl_seconds=env.number("LEASE_TTL_SECONDS", 6.0, low=1.0, high=600.0),
             fetch_concurrency=concurrency,
+            fetch_batch_max=env.integer("FETCH_BATCH_MAX", 64, low=1, high=1000),
+            fetch_batch_window_seconds=env.number("FETCH_BATCH_WINDOW_MS", 2.0, low=0.0, high=1000.0) / 1000,
+            cart_snapshot_ttl_seconds=env.number(
+                "CART_SNAPSHOT_TTL_SECONDS", 3600.0, low=0.0, high=7 * 86400.0
+            ),
             db_pool_size=env.integer("DB_POOL_SIZE", concurrency, low=1, high=1000),
             db_timeout_seconds=env.number("DB_TIMEOUT_SECONDS", 5.0, low=0.1, high=600.0),
             max_payload_bytes=env.integer("MAX_PAYLOAD_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),

@@ -63,8 +63,8 @@ async def test_coalescer_runs_one_more_fetch_for_triggers_during_a_fetch():
     started: list[SessionWork] = []
     gate = asyncio.Event()
 
-    async def run(work: SessionWork) -> None:
-        started.append(work)
+    async def run(works: list[SessionWork]) -> None:
+        started.extend(works)
         await gate.wait()
 
     coalescer = WorkCoalescer(run, concurrency=4)
@@ -90,7 +90,7 @@ async def test_coalescer_bounds_concurrency_across_sessions():
     running = 0
     peak = 0
 
-    async def run(work: SessionWork) -> None:
+    async def run(works: list[SessionWork]) -> None:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -106,6 +106,48 @@ async def test_coalescer_bounds_concurrency_across_sessions():
     finally:
         await coalescer.stop()
     assert peak == 3
+
+
+async def test_coalescer_batches_a_burst_and_runs_a_lone_trigger_at_once():
+    """A burst is taken in batches (one SQL statement each, in the fetcher); a lone trigger on
+    an idle coalescer is not held back by the batching window; no session is in two batches
+    at once, and every one runs exactly once."""
+    batches: list[list[str]] = []
+    in_flight: set[str] = set()
+    overlaps = 0
+
+    async def run(works: list[SessionWork]) -> None:
+        nonlocal overlaps
+        sids = [w.session_id for w in works]
+        overlaps += len(in_flight & set(sids))
+        in_flight.update(sids)
+        batches.append(sids)
+        await asyncio.sleep(0.005)
+        in_flight.difference_update(sids)
+
+    coalescer = WorkCoalescer(run, concurrency=4, batch_max=50, window=0.01)
+    coalescer.start()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        coalescer.submit(SessionWork("alone", push_all=True))
+        await asyncio.wait_for(coalescer.wait_idle(), 2)
+        assert batches == [["alone"]]
+        assert loop.time() - started < 0.2, "a lone trigger does not wait for the window (10 ms)"
+
+        batches.clear()
+        for i in range(1000):
+            coalescer.submit(SessionWork(f"s{i}", push_all=True))
+            if i % 50 == 0:
+                await asyncio.sleep(0)  # triggers arrive over time, as from a subscription
+        await asyncio.wait_for(coalescer.wait_idle(), 10)
+    finally:
+        await coalescer.stop()
+    ran = [sid for batch in batches for sid in batch]
+    assert sorted(ran) == sorted(f"s{i}" for i in range(1000)), "each exactly once"
+    assert max(len(b) for b in batches) == 50
+    assert len(batches) <= 1000 / 10, f"batched: {len(batches)} batches for 1000 sessions"
+    assert overlaps == 0
 
 
 def test_plan_one_envelope_per_gateway():

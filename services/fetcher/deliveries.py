@@ -1,28 +1,55 @@
 """Planning: a finished fetch (or a routed message) -> one envelope per gateway that needs it.
 
-Pure: no Redis, no database. The driver publishes what this returns, one envelope per gateway
-channel, so a gateway gets each cart once however many of its tabs want it.
+Pure: no Redis, no database. The driver collects a batch's envelopes in `Outgoing` and
+publishes one message per gateway channel (a `batch` envelope when there are several), so a
+gateway gets each cart once however many of its tabs want it, and a mass invalidation is a
+few messages per gateway rather than one per session.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from shared import codec
 from shared.protocol import mask_session_id
 
+from .cartstate import CartSnapshot
 from .coalescer import SessionWork
 
+BATCH_BYTES = 512 * 1024  # a gateway's batch message is split beyond this (Redis output buffers)
 
-@dataclass(frozen=True, slots=True)
-class CartSnapshot:
-    seq: int
-    fetched_at: str  # ISO timestamp of the read
-    applications_json: str | None  # JSON array text; None when the read failed
-    count: int = 0
-    error: str | None = None
+
+class Outgoing:
+    """A batch's envelopes, by gateway, in the order they were planned."""
+
+    def __init__(self) -> None:
+        self._by_gateway: dict[str, list[dict[str, Any]]] = {}
+        self.counts: Counter[str] = Counter()  # envelopes by metric kind
+
+    def add(self, envelopes: dict[str, dict[str, Any]], kind: str) -> None:
+        for gateway, envelope in envelopes.items():
+            self._by_gateway.setdefault(gateway, []).append(envelope)
+        self.counts[kind] += len(envelopes)
+
+    def messages(self, channel_of: Callable[[str], str]) -> Iterator[tuple[str, bytes]]:
+        """(channel, message) pairs: one message per gateway, split only when very large."""
+        for gateway, envelopes in self._by_gateway.items():
+            channel = channel_of(gateway)
+            if len(envelopes) == 1:
+                yield channel, codec.pack(envelopes[0])
+                continue
+            items: list[dict[str, Any]] = []
+            size = 0
+            for envelope in envelopes:
+                items.append(envelope)
+                size += len(envelope.get("applications") or "") + 200
+                if size >= BATCH_BYTES:
+                    yield channel, codec.pack({"kind": codec.BATCH, "items": items})
+                    items, size = [], 0
+            if items:
+                yield channel, codec.pack({"kind": codec.BATCH, "items": items})
 
 
 def plan_cart_deliveries(

@@ -1,8 +1,10 @@
 """The fetcher process: subscriptions, shard leases, fetch workers and publishing.
 
 Flow: a trigger (or a gateway request) for a session in one of our shards becomes `SessionWork`
-in the coalescer; a worker looks up the owning gateways, takes the next `seq`, reads the cart
-and publishes one envelope per gateway (`deliveries.plan_*`).
+in the coalescer; a worker takes a batch of ready sessions and, for the whole batch, makes one
+Redis call for owners, `seq` and snapshots (`cartstate`), one SQL statement for the carts that
+must be read, and one pipeline that stores the fresh snapshots and publishes one message per
+gateway (`deliveries.plan_*`, batched).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from shared.registry import RedisOwnershipRegistry
 from shared.settings import FetcherSettings
 from shared.supervision import supervise
 
+from .cartstate import CACHED_OR_NEW, NEW, NONE, PUSH, CartSnapshot, CartState
 from .coalescer import GET, JOIN, SessionWork, WorkCoalescer
-from .deliveries import CartSnapshot, plan_cart_deliveries, plan_frame_deliveries, plan_room_deliveries
+from .deliveries import Outgoing, plan_cart_deliveries, plan_frame_deliveries, plan_room_deliveries
 from .shards import ShardLeases
 from .store import CartStore, CartStoreError
 from .triggers import (
@@ -48,16 +51,6 @@ from .triggers import (
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: seq key. ARGV[1]: ttl ms. Next seq: above the last one and never below the Redis
-# clock in microseconds, so a lost key (Redis restart, expiry) cannot make seq go backwards.
-_NEXT_SEQ = """
-local t = redis.call('TIME')
-local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-local nxt = math.max(last + 1, floor)
-redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', ARGV[1])
-return nxt
-"""
 # The key only has to outlive a burst of fetches: the floor (Redis clock in µs) keeps seq
 # increasing after it expires. Short, so a made-up session id costs nothing for long.
 SEQ_TTL_MS = 15 * 60 * 1000
@@ -85,10 +78,17 @@ class Fetcher:
             settings.redis.url, max_connections=settings.fetch_concurrency * 2 + 8
         )
         self.registry = RedisOwnershipRegistry(self.client, self.keys, "", 1)
-        self._next_seq = self.client.register_script(_NEXT_SEQ)
+        self.cart_state = CartState(
+            self.client,
+            self.keys,
+            seq_ttl_ms=SEQ_TTL_MS,
+            snapshot_ttl_ms=int(settings.cart_snapshot_ttl_seconds * 1000),
+        )
         self.coalescer = WorkCoalescer(
-            self._run_work,
+            self._run_batch,
             concurrency=settings.fetch_concurrency,
+            batch_max=settings.fetch_batch_max,
+            window=settings.fetch_batch_window_seconds,
             on_coalesced=self.metrics.triggers_coalesced.inc,
             on_failed=self._on_work_failed,
         )
@@ -263,7 +263,13 @@ class Fetcher:
             gateway = request["gateway"]
             if not isinstance(gateway, str):
                 raise codec.CodecError("gateway is not a string")
-            if kind in (GET, JOIN):
+            if kind == codec.REQUESTS:
+                items = request["items"]
+                if not isinstance(items, list):
+                    raise codec.CodecError("items is not a list")
+                for item in items:
+                    self._on_cart_request(gateway, item)
+            elif kind in (GET, JOIN):
                 sid, token = request["sid"], request["token"]
                 if not is_valid_session_id(sid) or not isinstance(token, int):
                     raise codec.CodecError("bad sid or token")
@@ -286,36 +292,109 @@ class Fetcher:
 
     # -- work ------------------------------------------------------------------------------
 
-    async def _run_work(self, work: SessionWork) -> None:
-        if work.route is not None:
-            await self._deliver_to_route(work)
+    def _on_cart_request(self, gateway: str, item: Any) -> None:
+        """One `[sid, token, get|join]` of a gateway's requests envelope; a bad item costs only
+        itself."""
+        if not (
+            isinstance(item, list)
+            and len(item) == 3
+            and is_valid_session_id(item[0])
+            and isinstance(item[1], int)
+            and item[2] in (GET, JOIN)
+        ):
+            self.metrics.triggers_invalid.labels("bad_request").inc()
+            log.warning("fetcher requests: dropped an invalid request item")
             return
-        key = session_key(work.session_id)
-        owners = await self.registry.owners(key) if work.push_all or work.frames else []
-        if work.frames:
-            if not owners:
-                self.metrics.triggers_unheld.inc(len(work.frames))
-            for frame in work.frames:
-                await self._publish(plan_frame_deliveries(key, owners, frame, work.received_at), "frame")
-            work.frames = []  # published: a retry of this work must not send them twice
-        if not work.push_all and not work.refresh_gateways and not work.requests:
-            return
-        if not owners and not work.refresh_gateways and not work.requests:
-            self.metrics.triggers_unheld.inc()
-            self._errored.pop(work.session_id, None)  # no tab anywhere shows its error now
-            return  # no socket anywhere: nothing to read
-        seq = int(await self._next_seq(keys=[self.keys.session_seq(key)], args=[SEQ_TTL_MS]))
-        snapshot = await self._read_snapshot(work.session_id, seq)
-        envelopes = plan_cart_deliveries(work, key, owners, snapshot)
-        await self._publish(envelopes, "cart")
-        if snapshot.error is None:
-            self._errored.pop(work.session_id, None)
+        sid, token, kind = item
+        if self._serves(sid):
+            self.metrics.requests.labels(kind).inc()
+            self.coalescer.submit(SessionWork(sid, requests=[(gateway, token, kind)]))
+
+    async def _run_batch(self, works: list[SessionWork]) -> None:
+        sessions = []
+        for work in works:
+            if work.route is None:
+                sessions.append(work)
+                continue
+            try:
+                await self._deliver_to_route(work)
+            except Exception as exc:  # this route only; the sessions of the batch go on
+                self._on_work_failed(work, exc)
+        if sessions:
+            await self._run_sessions(sessions)
+
+    def _mode(self, work: SessionWork) -> str:
+        """This work's `cartstate` mode: whether owners are needed, and how the cart is had."""
+        owners = "o" if work.push_all or work.frames else "-"
+        if work.push_all:
+            cart = NEW if work.refresh_gateways or work.requests else PUSH
+        elif work.refresh_gateways:
+            cart = NEW  # a gateway missed pushes: triggers may be lost, the snapshot may be stale
+        elif work.requests:
+            cart = CACHED_OR_NEW if self.cart_state.snapshots else NEW
         else:
-            # Some tab (pushed to, or answered) now shows an error: fetch again until the
-            # database answers, and push to every tab, whatever asked this time.
-            attempt = self._errored.get(work.session_id, 0)
-            self._errored[work.session_id] = attempt + 1
-            self._retry_later(SessionWork(work.session_id, push_all=True, attempt=attempt + 1))
+            cart = NONE
+        return owners + cart
+
+    async def _run_sessions(self, works: list[SessionWork]) -> None:
+        self.metrics.batch_size.observe(len(works))
+        keys = [session_key(work.session_id) for work in works]
+        modes = [self._mode(work) for work in works]
+        begun = await self.cart_state.begin(keys, modes)
+        corrupt = [
+            i for i, b in enumerate(begun) if modes[i][1] == CACHED_OR_NEW and not b.seq and not b.snapshot
+        ]
+        if corrupt:  # a snapshot that did not decode: read those carts after all
+            again = await self.cart_state.begin([keys[i] for i in corrupt], ["-" + NEW] * len(corrupt))
+            for i, b in zip(corrupt, again, strict=True):
+                begun[i] = b
+
+        outgoing = Outgoing()
+        for work, key, state in zip(works, keys, begun, strict=True):
+            if work.frames:
+                if not state.owners:
+                    self.metrics.triggers_unheld.inc(len(work.frames))
+                for frame in work.frames:
+                    outgoing.add(plan_frame_deliveries(key, state.owners, frame, work.received_at), "frame")
+
+        to_read = [i for i, state in enumerate(begun) if state.seq and state.snapshot is None]
+        read = await self._read_carts([works[i].session_id for i in to_read], [begun[i].seq for i in to_read])
+        fresh: list[tuple[str, CartSnapshot]] = []
+        snapshots: dict[int, CartSnapshot] = {}
+        for i, state in enumerate(begun):
+            if state.snapshot is not None:
+                self.metrics.carts_from_snapshot.inc()
+                snapshots[i] = state.snapshot
+            elif state.seq:
+                snapshots[i] = read[works[i].session_id]
+                if snapshots[i].error is None:
+                    fresh.append((keys[i], snapshots[i]))
+            elif works[i].push_all:
+                self.metrics.triggers_unheld.inc()  # no socket anywhere: nothing to read
+                self._errored.pop(works[i].session_id, None)  # no tab anywhere shows its error now
+        for i, snapshot in snapshots.items():
+            outgoing.add(plan_cart_deliveries(works[i], keys[i], begun[i].owners, snapshot), "cart")
+
+        async with self.client.pipeline(transaction=False) as pipe:
+            await self.cart_state.commit(pipe, fresh)  # before the publishes: a join that
+            for channel, message in outgoing.messages(self.keys.gateway_channel):  # follows them
+                pipe.publish(channel, message)  # finds the snapshot
+            await pipe.execute()
+        for kind, count in outgoing.counts.items():
+            self.metrics.deliveries_published.labels(kind).inc(count)
+        for work in works:
+            work.frames = []  # published: a retry of this work must not send them twice
+
+        for i, snapshot in snapshots.items():
+            session_id = works[i].session_id
+            if snapshot.error is None:
+                self._errored.pop(session_id, None)
+            else:
+                # Some tab (pushed to, or answered) now shows an error: fetch again until the
+                # database answers, and push to every tab, whatever asked this time.
+                attempt = self._errored.get(session_id, 0)
+                self._errored[session_id] = attempt + 1
+                self._retry_later(SessionWork(session_id, push_all=True, attempt=attempt + 1))
 
     async def _deliver_to_route(self, work: SessionWork) -> None:
         if work.route == BROADCAST_ROUTE:
@@ -343,30 +422,50 @@ class Fetcher:
             await self._publish(plan_room_deliveries(room, owners, work.frames[0], work.received_at), "room")
             work.frames.pop(0)
 
-    async def _read_snapshot(self, session_id: str, seq: int) -> CartSnapshot:
-        """The cart as a snapshot, or an error snapshot for this session only: a database
-        error, or rows that cannot be shaped (PostgreSQL accepts `'infinity'` timestamps and
-        `'NaN'` numerics, which have no place in a cart's JSON)."""
+    async def _read_carts(self, session_ids: list[str], seqs: list[int]) -> dict[str, CartSnapshot]:
+        """The carts as snapshots, in one statement, or error snapshots: for every session when
+        the database cannot answer, for one session when its rows cannot be shaped (PostgreSQL
+        accepts `'infinity'` timestamps and `'NaN'` numerics, which have no place in JSON)."""
+        if not session_ids:
+            return {}
         started = time.perf_counter()
+        statements_before = getattr(self.store, "statements", 0)
         try:
-            applications = await self.store.fetch_cart(session_id)
-            text = dumps(applications)
+            carts = await self.store.fetch_carts(session_ids)
         except CartStoreError as exc:
             self.metrics.db_errors.inc()
-            log.warning("cart of %s: database error (%s)", mask_session_id(session_id), exc)
-            return CartSnapshot(seq, now_iso(), None, error=DB_ERROR_MESSAGE)
-        except Exception as exc:
-            self.metrics.carts_unshapeable.inc()
-            log.error(
-                "cart of %s: rows cannot be shaped (%s: %s)",
-                mask_session_id(session_id),
-                exc.__class__.__name__,
-                exc,
-            )
-            return CartSnapshot(seq, now_iso(), None, error=SHAPE_ERROR_MESSAGE)
+            log.warning("%d cart(s): database error (%s)", len(session_ids), exc)
+            fetched_at = now_iso()
+            return {
+                sid: CartSnapshot(seq, fetched_at, None, error=DB_ERROR_MESSAGE)
+                for sid, seq in zip(session_ids, seqs, strict=True)
+            }
         finally:
             self.metrics.fetch_duration.observe(time.perf_counter() - started)
-        return CartSnapshot(seq, now_iso(), text, count=len(applications))
+            self.metrics.cart_queries.inc(max(1, getattr(self.store, "statements", 1) - statements_before))
+            self.metrics.carts_read.inc(len(session_ids))
+        fetched_at = now_iso()
+        snapshots = {}
+        for sid, seq in zip(session_ids, seqs, strict=True):
+            cart = carts.get(sid, [])
+            try:
+                if isinstance(cart, Exception):
+                    raise cart
+                snapshots[sid] = CartSnapshot(seq, fetched_at, dumps(cart), count=len(cart))
+            except CartStoreError as exc:  # read alone after its batch was rejected, and failed
+                self.metrics.db_errors.inc()
+                log.warning("cart of %s: database error (%s)", mask_session_id(sid), exc)
+                snapshots[sid] = CartSnapshot(seq, fetched_at, None, error=DB_ERROR_MESSAGE)
+            except Exception as exc:
+                self.metrics.carts_unshapeable.inc()
+                log.error(
+                    "cart of %s: rows cannot be shaped (%s: %s)",
+                    mask_session_id(sid),
+                    exc.__class__.__name__,
+                    exc,
+                )
+                snapshots[sid] = CartSnapshot(seq, fetched_at, None, error=SHAPE_ERROR_MESSAGE)
+        return snapshots
 
     def _on_work_failed(self, work: SessionWork, exc: Exception) -> None:
         """Work that failed for any reason (Redis gone mid-fetch, a bug) is retried, never

@@ -1,10 +1,12 @@
 """The cart store: reads a session's cart from PostgreSQL (asyncpg), the fetcher's only DB I/O.
 
-Contract (`CartStore.fetch_cart`): returns the session's partial applications as JSON objects,
-ordered by id, all read from one snapshot in one round trip; raises `CartStoreError` when the
+Contract (`CartStore.fetch_carts`): returns, for each session id asked, its partial
+applications as JSON objects ordered by id, all sessions read from one snapshot in one
+statement (`= $1` for one session, `= ANY($1)` for more); raises `CartStoreError` when the
 database cannot answer, whatever asyncpg raises (never an empty list in place of an error).
-Shaping a row may raise anything else (`ValueError` for an `'infinity'` timestamp): the caller
-turns that into an error cart too. `check()` returns None when the cart query can run, else why
+A session whose rows cannot be shaped (`ValueError` for an `'infinity'` timestamp) gets that
+exception in place of its list, and costs only itself; a batch that PostgreSQL rejects for its
+data is read again one session at a time, so one bad row never fails the others. `check()` returns None when the cart query can run, else why
 not (unreachable, or the database lacks the Portico tables).
 """
 
@@ -12,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import asyncpg
 
-from services.fetcher.carts import CART_QUERY, shape_application
+from services.fetcher.carts import CART_BATCH_QUERY, CART_QUERY, shape_application
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,11 @@ class CartStoreError(Exception):
     """The cart could not be read (database down, timeout, query failed)."""
 
 
+Cart = list[dict[str, Any]]
+
+
 class CartStore(Protocol):
-    async def fetch_cart(self, session_id: str) -> list[dict[str, Any]]: ...
+    async def fetch_carts(self, session_ids: Sequence[str]) -> dict[str, Cart | Exception]: ...
     async def check(self) -> str | None: ...
 
 
@@ -41,6 +47,7 @@ class PostgresCartStore:
         self._dsn = dsn
         self._pool_size = pool_size
         self._timeout = timeout
+        self.statements = 0  # cart statements run (a batch rejected for its data runs 1 + n)
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
 
@@ -61,16 +68,61 @@ class PostgresCartStore:
                     )
         return self._pool
 
-    async def fetch_cart(self, session_id: str) -> list[dict[str, Any]]:
+    async def fetch_cart(self, session_id: str) -> Cart:
+        """One session's cart (raises what shaping raised, for that session)."""
+        result = (await self.fetch_carts([session_id]))[session_id]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def fetch_carts(self, session_ids: Sequence[str]) -> dict[str, Cart | Exception]:
+        unique = list(dict.fromkeys(session_ids))
+        try:
+            rows = await self._fetch_rows(unique)
+        except CartStoreError as exc:
+            if len(unique) > 1 and isinstance(exc.__cause__, asyncpg.DataError):
+                log.warning(
+                    "a batch of %d carts was rejected (%s); reading them one by one", len(unique), exc
+                )
+                return await self._fetch_one_by_one(unique)
+            raise
+        carts: dict[str, Cart | Exception] = {sid: [] for sid in unique}
+        for row in rows:
+            sid = row["cart_session_id"]
+            cart = carts.get(sid)
+            if not isinstance(cart, list):
+                continue  # this session failed already
+            try:
+                cart.append(shape_application(row))
+            except Exception as exc:  # this session's error cart; the others are unaffected
+                carts[sid] = exc
+        return carts
+
+    async def _fetch_one_by_one(self, session_ids: list[str]) -> dict[str, Cart | Exception]:
+        carts: dict[str, Cart | Exception] = {}
+        for sid in session_ids:
+            try:
+                carts.update(await self.fetch_carts([sid]))
+            except CartStoreError as exc:
+                carts[sid] = exc
+        return carts
+
+    async def _fetch_rows(self, session_ids: list[str]) -> list[asyncpg.Record]:
+        self.statements += 1
         try:
             pool = await self._get_pool()
             async with asyncio.timeout(self._timeout * 2):
-                rows = await pool.fetch(CART_QUERY, session_id, timeout=self._timeout)
+                if len(session_ids) == 1:
+                    rows: list[asyncpg.Record] = await pool.fetch(
+                        CART_QUERY, session_ids[0], timeout=self._timeout
+                    )
+                else:
+                    rows = await pool.fetch(CART_BATCH_QUERY, session_ids, timeout=self._timeout)
         except Exception as exc:
             # Not only PostgresError/InterfaceError/OSError: a fast PostgreSQL shutdown makes
             # asyncpg raise InternalClientError, which escaped and dropped the work.
             raise CartStoreError(f"{exc.__class__.__name__}: {exc}") from exc
-        return [shape_application(row) for row in rows]
+        return rows
 
     async def check(self) -> str | None:
         try:

@@ -1,9 +1,11 @@
 """The gateway process: WebSocket endpoint, session ownership, deliveries from Redis.
 
 Per socket: a receive loop feeding `ConnectionProtocol`, and a writer task draining a bounded
-`Outbox`. Per process: one subscription (own channel + the all-gateways channel), an ownership
-refresh loop, a batched release of routes whose last socket left, the application-level
-`server_ping`, and a sweep of unanswered cart requests.
+`Outbox`. Per process: one subscription (own channel + the all-gateways channel), a liveness
+heartbeat (one Redis command per gateway, not per session), batched claims, cart requests and
+releases (`shared.batching`: a connect storm is a few Redis calls, never one task per socket
+talking to Redis), the application-level `server_ping` spread over its interval, and a sweep
+of unanswered cart requests.
 
 A socket that cannot be written to (its writer failed, or its outbox overflowed) is *dropped*:
 taken out of every session and room at once, closed with a deadline, then aborted. Nothing
@@ -32,12 +34,13 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from shared import codec
+from shared.batching import Batcher
 from shared.broker import Subscription, create_client
 from shared.health import health_routes
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
-from shared.protocol import CloseCode, mask_session_id, room_route, session_key, shard_of
-from shared.registry import RedisOwnershipRegistry
+from shared.protocol import CloseCode, room_route, session_key, shard_of
+from shared.registry import RECLAIM_SECONDS, RedisOwnershipRegistry
 from shared.settings import GatewaySettings
 from shared.supervision import supervise
 
@@ -64,6 +67,8 @@ log = logging.getLogger(__name__)
 
 CLIENT_JS = Path(__file__).resolve().parent / "static" / "client.js"
 REFRESH_BATCH = 500  # session ids per refresh request envelope
+REQUEST_BATCH = 500  # cart requests per requests envelope
+PING_SLICES = 20  # server_ping goes to 1/20 of the sockets every interval/20: no 1000-socket burst
 REQUEST_ATTEMPTS = 3  # a cart request is sent at most this often (lost, or answered with an older cart)
 TIMEOUT_MESSAGE = "Timed out waiting for the cart; please try again"
 CLOSE_DEADLINE_SECONDS = 2.0  # a dropped socket gets this long to take its close frame, then is aborted
@@ -144,6 +149,13 @@ class Gateway:
         self.failure: str | None = None  # set when an essential background loop died
         self._to_release: set[str] = set()  # routes whose last local socket left
         self._release_wanted = asyncio.Event()
+        self._claim_failed: set[str] = set()  # routes to claim again on the next heartbeat
+        self.claims: Batcher[str] = Batcher(
+            self.registry.claim, name="claims", on_failure=self._on_claims_failed
+        )
+        self.requests: Batcher[list[Any]] = Batcher(
+            self._publish_requests, name="cart requests", max_items=REQUEST_BATCH
+        )
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -161,7 +173,9 @@ class Gateway:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self.subscription.run(), name="subscription"),
-            asyncio.create_task(self._refresh_ownership(), name="ownership"),
+            asyncio.create_task(self._heartbeat(), name="ownership"),
+            asyncio.create_task(self.claims.run(), name="claims"),
+            asyncio.create_task(self.requests.run(), name="cart-requests"),
             asyncio.create_task(self._release_ownership(), name="ownership-release"),
             asyncio.create_task(self._send_server_pings(), name="server-ping"),
             asyncio.create_task(self._sweep_requests(), name="request-sweep"),
@@ -214,6 +228,7 @@ class Gateway:
     async def stop(self) -> None:
         await self.drain()
         try:
+            await self.registry.leave()  # no longer an owner of anything, at once
             await self.registry.release([*self._held_routes(), *self._to_release])
         except RedisError as exc:
             log.warning("could not release sessions on stop (%s); they expire by TTL", exc)
@@ -401,7 +416,7 @@ class Gateway:
             self.session_ids[key] = action.session_id
             if len(members) == 1:
                 self.metrics.sessions_held.set(len(self.sessions))
-                await self._claim([key])
+                await self.claims.submit(key)
         for message in joined_messages(action, len(self.sessions[key])):
             self._send(client, message)
         # Claimed before asking: a change after this point is pushed, one before is in the reply.
@@ -430,7 +445,7 @@ class Gateway:
         if client not in members:
             members.add(client)
             if len(members) == 1:
-                await self._claim([room_route(action.room_id)])
+                await self.claims.submit(room_route(action.room_id))
         for message in action.replies:
             if message.get("type") == "room_joined":
                 message = {**message, "roomSize": len(members)}
@@ -490,15 +505,32 @@ class Gateway:
         try:
             await self.registry.claim(keys)
         except RedisError as exc:
-            log.warning("claim of %d session(s) failed (%s); retried by the refresh loop", len(keys), exc)
+            self._on_claims_failed(keys, exc)
 
-    async def _refresh_ownership(self) -> None:
+    def _on_claims_failed(self, keys: list[str], exc: Exception) -> None:
+        log.warning("claim of %d route(s) failed (%s); retried on the next heartbeat", len(keys), exc)
+        self._claim_failed.update(keys)
+
+    async def _heartbeat(self) -> None:
+        """Liveness every ownership TTL / 3: one command, whatever this gateway holds. Routes
+        are claimed again when Redis had forgotten this gateway (its data lost), after a
+        failed claim, and every `RECLAIM_SECONDS` (their keys' TTL is a day)."""
         interval = self.settings.ownership_ttl_seconds / 3
+        next_reclaim = time.monotonic() + RECLAIM_SECONDS
         while True:
+            try:
+                forgotten = await self.registry.heartbeat()
+            except RedisError as exc:
+                log.warning("liveness heartbeat failed (%s)", exc)
+                forgotten = False
+            retry = [route for route in self._claim_failed if self._holds(route)]
+            self._claim_failed.clear()
+            if (forgotten and self.clients) or time.monotonic() >= next_reclaim:
+                next_reclaim = time.monotonic() + RECLAIM_SECONDS
+                retry = self._held_routes()
+            if retry:
+                await self._claim(retry)
             await asyncio.sleep(interval)
-            routes = self._held_routes()
-            if routes:
-                await self._claim(routes)
 
     # -- requests to the fetchers ----------------------------------------------------------
 
@@ -511,17 +543,21 @@ class Gateway:
             has_request_id,
             deadline=time.monotonic() + self.settings.request_timeout_seconds,
         )
-        await self._publish_request(kind, client, token)
+        self._publish_request(kind, client, token)
 
-    async def _publish_request(self, kind: str, client: Client, token: int) -> None:
+    def _publish_request(self, kind: str, client: Client, token: int) -> None:
+        """Queue a cart request; it leaves with the others of this moment (`requests`)."""
         sid = self.session_ids.get(client.key or "")
-        if sid is None:
-            return
-        envelope = {"kind": kind, "gateway": self.id, "sid": sid, "token": token}
+        if sid is not None:
+            self.requests.submit_nowait([sid, token, kind])
+
+    async def _publish_requests(self, items: list[list[Any]]) -> None:
+        envelope = {"kind": codec.REQUESTS, "gateway": self.id, "items": items}
         try:
             await self.client.publish(self.keys.fetcher_requests_channel, codec.pack(envelope))
         except RedisError as exc:
-            log.warning("cart request for %s not sent (%s)", mask_session_id(sid), exc)
+            # Joins are asked again by the sweep; a get times out with an error reply.
+            log.warning("%d cart request(s) not sent (%s)", len(items), exc)
 
     async def _request_refresh(self, session_ids: list[str]) -> None:
         for start in range(0, len(session_ids), REFRESH_BATCH):
@@ -545,7 +581,7 @@ class Gateway:
                 elif pending.kind == codec.JOIN and pending.attempts < REQUEST_ATTEMPTS:
                     pending.attempts += 1
                     pending.deadline = now + self.settings.request_timeout_seconds
-                    await self._publish_request(codec.JOIN, client, token)
+                    self._publish_request(codec.JOIN, client, token)
                 else:
                     del self.pending[token]
                     self.metrics.requests_timed_out.inc()
@@ -590,29 +626,34 @@ class Gateway:
 
     async def _on_delivery(self, channel: str, data: bytes) -> None:
         try:
-            envelope = codec.decode_delivery(data)  # fully checked before any state changes
+            envelopes = codec.decode_deliveries(data)  # fully checked before any state changes
         except codec.CodecError as exc:
-            self.metrics.deliveries_invalid.inc()
-            log.warning("dropped invalid envelope on %s (%s)", channel, exc)
-            return
-        kind = envelope["kind"]
-        if kind == codec.CART:
-            self._deliver_cart(envelope)
-        elif kind == codec.FRAME:
-            self._deliver_frame(envelope)
-        else:
-            await self._resync(envelope)
+            envelopes = [exc]
+        for envelope in envelopes:
+            if isinstance(envelope, codec.CodecError):
+                self.metrics.deliveries_invalid.inc()
+                log.warning("dropped invalid envelope on %s (%s)", channel, envelope)
+            elif envelope["kind"] == codec.CART:
+                self._deliver_cart(envelope)
+            elif envelope["kind"] == codec.FRAME:
+                self._deliver_frame(envelope)
+            else:
+                await self._resync(envelope)
 
     def _deliver_cart(self, cart: dict[str, Any]) -> None:
         key, seq = cart["key"], int(cart["seq"])
         received_at = cart.get("received_at")
-        push_text: str | None = None
+        shared_frame: Frame | None = None
 
         def push_frame() -> Frame:
-            nonlocal push_text
-            if push_text is None:
-                push_text = render_cart(cart, push=True)  # once per push, not per socket
-            return Frame(push_text, "partial_applications_response", cart=True, received_at=received_at)
+            # Rendered once per push and shared by every socket (its byte count too).
+            nonlocal shared_frame
+            if shared_frame is None:
+                text = render_cart(cart, push=True)
+                shared_frame = Frame(
+                    text, "partial_applications_response", cart=True, received_at=received_at
+                )
+            return shared_frame
 
         if cart["all"]:
             for client in self.sessions.get(key, ()):
@@ -637,7 +678,7 @@ class Gateway:
                 # hand-over): ask again rather than show an older snapshot after a newer one.
                 pending.attempts += 1
                 self.pending[token] = pending
-                self._spawn(self._publish_request(codec.GET, client, token))
+                self._publish_request(codec.GET, client, token)
             else:
                 client.cart_seq = max(client.cart_seq, seq)
                 text = render_cart(
@@ -663,12 +704,18 @@ class Gateway:
             await self._request_refresh(sids)
 
     async def _send_server_pings(self) -> None:
+        """Every socket gets a `server_ping` once per interval, a slice of them at a time: the
+        whole set at once stopped the event loop for 70-105 ms at 1000 sockets."""
+        step = self.settings.server_ping_interval_seconds / PING_SLICES
         while True:
-            await asyncio.sleep(self.settings.server_ping_interval_seconds)
+            clients = list(self.clients.values())
             text = stamp({"type": "server_ping", "id": f"ping_{uuid.uuid4().hex[:16]}"})
             frame = Frame(text, "server_ping")
-            for client in list(self.clients.values()):
-                self._enqueue(client, frame)
+            per_slice = -(-len(clients) // PING_SLICES)
+            for i in range(PING_SLICES):
+                await asyncio.sleep(step)
+                for client in clients[i * per_slice : (i + 1) * per_slice]:
+                    self._enqueue(client, frame)  # a socket closed meanwhile is detached: skipped
 
 
 def create_app(settings: GatewaySettings) -> Starlette:

@@ -1,0 +1,142 @@
+"""A batch's Redis state in two round trips: owners, `seq` and cart snapshots.
+
+`begin` runs one script for a whole fetch batch. For each session, by its mode:
+  * owners: the gateways alive that hold it (`shared.registry`), when frames or a push need them;
+  * `seq`: the next cart sequence number (above the last, never below the Redis clock in µs, so
+    a lost key cannot make seq go backwards), when a cart must be read;
+  * the snapshot: the latest cart kept with its seq, served instead of a read when only joins
+    and requests ask (a deploy's reconnecting tabs cost no SQL). A trigger deletes it in the
+    same script, before anything is read, so a snapshot is never older than the last trigger.
+`commit` stores the fresh snapshots, each only if its seq is still the session's latest (a
+later trigger already took a newer one), in the pipeline that publishes the batch's envelopes.
+
+Modes are two characters: owners (`o` yes, `-` no), then the cart:
+  `-` none (frames only)          `c` the snapshot if there is one, else a new seq (joins, gets)
+  `n` delete the snapshot, new seq  `p` a trigger: delete the snapshot; a new seq only when some
+                                        gateway holds the session (nobody to read it for)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+from shared.registry import OWNERS_LUA, decode_names
+
+NONE, CACHED_OR_NEW, NEW, PUSH = "-", "c", "n", "p"
+
+_BEGIN = (
+    OWNERS_LUA
+    + """
+local function next_seq(key, ttl)
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', key) or '0')
+  local nxt = math.max(last + 1, floor)
+  redis.call('SET', key, string.format('%d', nxt), 'PX', ttl)
+  return nxt
+end
+local now, cache, result = redis_now_ms(), {}, {}
+for i = 1, (#KEYS - 1) / 3 do
+  local owners_key, seq_key, cart_key = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local mode = ARGV[i + 1]
+  local owners = {}
+  if string.sub(mode, 1, 1) == 'o' then owners = live_owners(owners_key, KEYS[1], now, cache) end
+  local cart, seq, snapshot = string.sub(mode, 2, 2), 0, false
+  if cart == 'c' then
+    snapshot = redis.call('GET', cart_key)
+    if not snapshot then seq = next_seq(seq_key, ARGV[1]) end
+  elseif cart == 'n' or cart == 'p' then
+    redis.call('DEL', cart_key)
+    if cart == 'n' or #owners > 0 then seq = next_seq(seq_key, ARGV[1]) end
+  end
+  result[i] = {owners, seq, snapshot}
+end
+return result
+"""
+)
+
+# KEYS: (seq key, cart key) per session. ARGV[1]: ttl ms, then (seq, snapshot) per session.
+_COMMIT = """
+local stored = 0
+for i = 1, #KEYS / 2 do
+  if redis.call('GET', KEYS[2 * i - 1]) == ARGV[2 * i] then
+    redis.call('SET', KEYS[2 * i], ARGV[2 * i + 1], 'PX', ARGV[1])
+    stored = stored + 1
+  end
+end
+return stored
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CartSnapshot:
+    seq: int
+    fetched_at: str  # ISO timestamp of the read
+    applications_json: str | None  # JSON array text; None when the read failed
+    count: int = 0
+    error: str | None = None
+
+    def pack(self) -> bytes:
+        data: bytes = msgpack.packb([self.seq, self.fetched_at, self.count, self.applications_json])
+        return data
+
+    @classmethod
+    def unpack(cls, data: bytes) -> CartSnapshot:
+        seq, fetched_at, count, applications = msgpack.unpackb(data, raw=False)
+        if not (isinstance(seq, int) and isinstance(fetched_at, str) and isinstance(applications, str)):
+            raise ValueError("not a cart snapshot")
+        return cls(seq, fetched_at, applications, count)
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    owners: list[str]
+    seq: int  # 0: no cart to read
+    snapshot: CartSnapshot | None  # served from Redis: no read
+
+
+class CartState:
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, seq_ttl_ms: int, snapshot_ttl_ms: int):
+        self._keys = keys
+        self._seq_ttl_ms = seq_ttl_ms
+        self._snapshot_ttl_ms = snapshot_ttl_ms
+        self._begin = client.register_script(_BEGIN)
+        self._commit = client.register_script(_COMMIT)
+
+    @property
+    def snapshots(self) -> bool:
+        return self._snapshot_ttl_ms > 0
+
+    async def begin(self, session_keys: Sequence[str], modes: Sequence[str]) -> list[Begun]:
+        keys = [self._keys.gateways_alive]
+        for key in session_keys:
+            keys += [self._keys.route_owners(key), self._keys.session_seq(key), self._keys.session_cart(key)]
+        replies = await self._begin(keys=keys, args=[self._seq_ttl_ms, *modes])
+        begun = []
+        for owners, seq, snapshot in replies:
+            cached = None
+            if snapshot is not None:
+                try:
+                    cached = CartSnapshot.unpack(snapshot)
+                except Exception:  # foreign or corrupt: read the cart instead
+                    cached = None
+            begun.append(Begun(decode_names(owners), int(seq), cached))
+        return begun
+
+    async def commit(self, pipe: Any, fresh: Sequence[tuple[str, CartSnapshot]]) -> None:
+        """Queue on `pipe` (before its publishes): store each fresh snapshot while its seq is
+        still the session's latest."""
+        if not fresh or not self.snapshots:
+            return
+        keys: list[str] = []
+        args: list[Any] = [self._snapshot_ttl_ms]
+        for key, snapshot in fresh:
+            keys += [self._keys.session_seq(key), self._keys.session_cart(key)]
+            args += [str(snapshot.seq), snapshot.pack()]
+        await self._commit(keys=keys, args=args, client=pipe)  # queued: runs with the pipeline
