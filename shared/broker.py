@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -26,6 +28,20 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectedHandler = Callable[[], Awaitable[None]]
+
+
+def speedups_enabled() -> bool:
+    """uvloop, httptools and hiredis are used when installed, unless PORTICO_SPEEDUPS=0 (the
+    benchmark's comparison run)."""
+    return os.environ.get("PORTICO_SPEEDUPS", "1") != "0"
+
+
+def _parser_options() -> dict[str, Any]:
+    if speedups_enabled():
+        return {}  # redis-py picks hiredis when it is installed
+    from redis._parsers import _AsyncRESP2Parser
+
+    return {"parser_class": _AsyncRESP2Parser}
 
 
 def create_client(url: str, *, max_connections: int = 64, wait_seconds: float = 10.0) -> aioredis.Redis:
@@ -45,6 +61,7 @@ def create_client(url: str, *, max_connections: int = 64, wait_seconds: float = 
         health_check_interval=10,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **_parser_options(),
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -141,6 +158,7 @@ class Subscription:
             socket_timeout=None,
             socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
+            **_parser_options(),
         )
         pubsub = client.pubsub()
         try:

@@ -69,6 +69,7 @@ async def test_outbox_latest_cart_wins_and_overflow_is_reported():
     assert box.put(Frame("cart2", "cart", cart=True)) is None  # replaced in place
     assert box.put(Frame("b", "x")) is True
     assert box.put(Frame("c", "x")) is False  # full: slow consumer
-    assert [(await box.get()).text for _ in range(3)] == ["a", "cart2", "b"]
+    assert [box.pop().text for _ in range(3)] == ["a", "cart2", "b"]
+    assert box.pop() is None and len(box) == 0
     box.close_after_flush(1001, "bye")
-    assert await box.get() is None
+    assert box.put(Frame("late", "x")) is True and box.pop() is None, "closing: dropped"

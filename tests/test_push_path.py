@@ -51,7 +51,8 @@ async def test_every_tab_on_both_gateways_gets_each_push_exactly_once(stack: Sta
     # One cart per join (4 tabs + the bystander) and one for the trigger: not one per replica.
     # Joins after the first read of a session may be served from its snapshot.
     carts = sum(
-        metric_value(f.metrics.carts_read) + metric_value(f.metrics.carts_from_snapshot) for f in stack.fetchers
+        metric_value(f.metrics.carts_read) + metric_value(f.metrics.carts_from_snapshot)
+        for f in stack.fetchers
     )
     assert carts == 6
 

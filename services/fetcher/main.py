@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from shared.broker import speedups_enabled
 from shared.logconfig import configure_logging
 from shared.settings import FetcherSettings, load_or_exit
 
@@ -17,6 +18,7 @@ def main() -> None:
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        loop="auto" if speedups_enabled() else "asyncio",  # uvloop when installed
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=20,

@@ -1,7 +1,8 @@
 """The gateway process: WebSocket endpoint, session ownership, deliveries from Redis.
 
-Per socket: a receive loop feeding `ConnectionProtocol`, and a writer task draining a bounded
-`Outbox`. Per process: one subscription (own channel + the all-gateways channel), a liveness
+Per socket: a receive loop feeding `ConnectionProtocol`, and a bounded `Outbox` drained by a
+writer task that exists only while there is something to write (an idle socket has no task of
+its own beyond uvicorn's). Per process: one subscription (own channel + the all-gateways channel), a liveness
 heartbeat (one Redis command per gateway, not per session), batched claims, cart requests and
 releases (`shared.batching`: a connect storm is a few Redis calls, never one task per socket
 talking to Redis), the application-level `server_ping` spread over its interval, and a sweep
@@ -36,6 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from shared import codec
 from shared.batching import Batcher
 from shared.broker import Subscription, create_client
+from shared.gc_tuning import keep_long_lived_frozen
 from shared.health import health_routes
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
@@ -179,6 +181,7 @@ class Gateway:
             asyncio.create_task(self._release_ownership(), name="ownership-release"),
             asyncio.create_task(self._send_server_pings(), name="server-ping"),
             asyncio.create_task(self._sweep_requests(), name="request-sweep"),
+            asyncio.create_task(keep_long_lived_frozen(), name="gc-freeze"),
         ]
         for task in self._tasks:
             supervise(task, self._on_loop_died)
@@ -215,7 +218,7 @@ class Gateway:
         for i, client in enumerate(clients):
             due = started + window * i / len(clients)
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            client.outbox.close_after_flush(CloseCode.GOING_AWAY, "server restarting")
+            self._close_after_flush(client, CloseCode.GOING_AWAY, "server restarting")
         writers = [c.writer for c in clients if c.writer is not None and not c.writer.done()]
         if writers:
             await asyncio.wait(writers, timeout=5)
@@ -273,7 +276,6 @@ class Gateway:
         )
         self.clients[client.id] = client
         self.metrics.connections.inc()
-        client.writer = asyncio.create_task(self._write(client))
         try:
             sid, invalid = session_from_cookie(ws.headers.get("cookie"), self.settings.cookie_names)
             await self._apply(client, client.protocol.on_open(sid, invalid))
@@ -295,7 +297,7 @@ class Gateway:
             pass
         except Exception:
             log.exception("socket %d: unexpected error; closing it", client.id)
-            client.outbox.close_after_flush(CloseCode.INTERNAL_ERROR, "internal error")
+            self._close_after_flush(client, CloseCode.INTERNAL_ERROR, "internal error")
             if client.writer is not None:
                 await asyncio.wait([client.writer], timeout=2)
         finally:
@@ -308,17 +310,24 @@ class Gateway:
             self.clients.pop(client.id, None)
             self.metrics.connections.dec()
 
+    def _wake_writer(self, client: Client) -> None:
+        if client.writer is None and not client.detached:
+            client.writer = asyncio.get_running_loop().create_task(self._write(client))
+
+    def _close_after_flush(self, client: Client, code: int, reason: str) -> None:
+        client.outbox.close_after_flush(code, reason)
+        self._wake_writer(client)
+
     async def _write(self, client: Client) -> None:
+        """Write what is queued, then end (woken again by the next `_enqueue`)."""
         try:
-            while True:
-                frame = await client.outbox.get()
-                if frame is None:
-                    break
+            while (frame := client.outbox.pop()) is not None:
                 await client.ws.send_text(frame.text)
                 self.metrics.messages_sent.labels(frame.kind).inc()
                 self.metrics.bytes_sent.inc(frame.size)
                 if frame.received_at is not None:
                     self.metrics.push_latency.observe(max(0.0, time.time() - frame.received_at))
+            client.writer = None  # before any await: a frame queued from here on wakes a new one
             if client.outbox.close_code is not None:
                 await client.ws.close(client.outbox.close_code, client.outbox.close_reason)
         except asyncio.CancelledError:
@@ -375,7 +384,9 @@ class Gateway:
         if client.detached:
             return
         result = client.outbox.put(frame)
-        if result is None:
+        if result is True:
+            self._wake_writer(client)
+        elif result is None:
             self.metrics.slow_consumers.labels("cart_replaced").inc()
         elif result is False:
             self.metrics.slow_consumers.labels("closed").inc()
@@ -401,7 +412,7 @@ class Gateway:
                 for message in action.replies:
                     self._send(client, message)
             elif isinstance(action, Close):
-                client.outbox.close_after_flush(action.code, action.reason)
+                self._close_after_flush(client, action.code, action.reason)
 
     # -- sessions --------------------------------------------------------------------------
 

@@ -147,6 +147,8 @@ def page_scheme(connection_scheme: str, forwarded_proto: str | None, trust_forwa
 
 
 class TokenBucket:
+    __slots__ = ("_at", "_burst", "_clock", "_rate", "_tokens")
+
     """Allows `burst` bad messages at once, refilled at `rate` per second."""
 
     def __init__(self, burst: int, rate: float, clock: Callable[[], float]) -> None:
@@ -201,7 +203,7 @@ class Limits:
 # -- the protocol --------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnectionProtocol:
     limits: Limits = field(default_factory=Limits)
     clock: Callable[[], float] = time.monotonic

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import uvicorn
 
+from shared.broker import speedups_enabled
 from shared.logconfig import configure_logging
 from shared.settings import GatewaySettings, load_or_exit
 
 from .app import Gateway, create_app
-from .sockets import AbortableWebSocketProtocol, with_handshake_timeout
+from .sockets import HTTPTOOLS, AbortableWebSocketProtocol, with_handshake_timeout
 
 
 class GatewayServer(uvicorn.Server):
@@ -34,11 +36,21 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def event_loop_and_parser() -> tuple[str, str]:
+    """uvloop and httptools when installed, as production uvicorn deployments run; else the
+    standard asyncio loop and h11 (`make bench` measures both)."""
+    if not speedups_enabled():
+        return "asyncio", "h11"
+    return "auto", "httptools" if HTTPTOOLS else "h11"
+
+
 def uvicorn_config(settings: GatewaySettings, **overrides: object) -> uvicorn.Config:
+    loop, _parser = event_loop_and_parser()
     options: dict[str, object] = {
         "host": settings.host,
         "port": settings.port,
-        "http": with_handshake_timeout(settings.handshake_timeout_seconds),
+        "loop": loop,
+        "http": with_handshake_timeout(settings.handshake_timeout_seconds, plain=_parser == "h11"),
         "ws": AbortableWebSocketProtocol,  # websockets-sansio, plus abort for unwritable peers
         "ws_max_size": settings.max_frame_bytes,  # larger frames: close 1009
         "ws_ping_interval": settings.ws_ping_interval_seconds,

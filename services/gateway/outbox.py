@@ -1,6 +1,7 @@
 """A socket's bounded outbox: fan-out never waits for a slow socket.
 
-Producers `put` without blocking; one writer task per socket drains it. A cart push is a full
+Producers `put` without blocking; the socket's writer task (started by the gateway when the
+outbox goes from empty to not empty, ended when it is empty again) drains it with `pop`. A cart push is a full
 snapshot, so a newer one replaces one still queued (latest wins) instead of queueing behind it.
 When the outbox is full the socket is a slow consumer: `put` returns False and the driver closes
 it (`CloseCode.TRY_AGAIN_LATER`); the client reconnects and gets the current cart.
@@ -8,7 +9,6 @@ it (`CloseCode.TRY_AGAIN_LATER`); the client reconnects and gets the current car
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from dataclasses import dataclass
 
@@ -32,21 +32,24 @@ class Frame:
 
 
 class Outbox:
+    __slots__ = ("_frames", "_limit", "close_code", "close_reason")
+
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._frames: deque[Frame] = deque()
-        self._ready = asyncio.Event()
+        self._frames: deque[Frame] | None = None  # created on the first frame: idle sockets stay small
         self.close_code: int | None = None  # set: the writer closes after the queued frames
         self.close_reason = ""
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._frames) if self._frames else 0
 
     def put(self, frame: Frame) -> bool | None:
         """Queue a frame. Returns True if queued, None if it replaced a queued cart, False if
         the outbox is full (slow consumer)."""
         if self.close_code is not None:
             return True  # closing: drop silently
+        if self._frames is None:
+            self._frames = deque()
         if frame.cart:
             for i, queued in enumerate(self._frames):
                 if queued.cart:
@@ -55,19 +58,17 @@ class Outbox:
         if len(self._frames) >= self._limit:
             return False
         self._frames.append(frame)
-        self._ready.set()
         return True
 
     def close_after_flush(self, code: int, reason: str) -> None:
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        self._ready.set()
 
-    async def get(self) -> Frame | None:
-        """The next frame; None when the outbox is closing and empty."""
-        while not self._frames:
-            if self.close_code is not None:
-                return None
-            self._ready.clear()
-            await self._ready.wait()
-        return self._frames.popleft()
+    def pop(self) -> Frame | None:
+        """The next frame, or None when empty (the writer then ends, or closes the socket)."""
+        if not self._frames:
+            return None
+        frame = self._frames.popleft()
+        if not self._frames:
+            self._frames = None  # an empty deque is 600 bytes; most sockets are idle
+        return frame
