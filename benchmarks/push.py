@@ -48,6 +48,8 @@ from services.localservers import LocalPostgres, LocalRedis, free_port
 SEQ = re.compile(r'"seq":(\d+)')
 COOKIE = "bookingfrontendsession"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# BENCH_PROFILE=fetcher-1,gateway-1: run those under cProfile, written to ./<name>.prof on exit.
+PROFILE = set(os.environ.get("BENCH_PROFILE", "").split(","))
 
 
 # -- tabs -----------------------------------------------------------------------------------
@@ -189,15 +191,19 @@ class Service:
 
     def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
         log = open(self.logs / f"{name}.log", "wb")  # closed by the child on exit; ours at interpreter exit
+        profile = ["-m", "cProfile", "-o", f"{name}.prof"] if name in PROFILE else []
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", module], env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, *profile, "-m", module], env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT
         )
 
     def gateway_url(self, n: int) -> str:
         return f"ws://127.0.0.1:{self.gateway_ports[n]}/wss"
 
     def cpu(self) -> float:
-        return sum(cpu_seconds(p.pid) for p in self.procs.values() if p.poll() is None)
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[str, float]:
+        return {name: cpu_seconds(p.pid) for name, p in self.procs.items() if p.poll() is None}
 
     def cart_queries(self) -> float:
         return sum(
@@ -368,6 +374,7 @@ async def run(args: argparse.Namespace, redis_url: str, database_url: str, logs:
         lat_tabs = [t for t in tabs if t.session in set(half)]
         since = {id(t): len(t.carts) for t in lat_tabs}
         cpu = service.cpu()
+        cpu_parts = service.cpu_by_process()
         calls = redis_calls(rclient)
         sent = await paced_triggers(aclient, half, args.rate, args.seconds, trigger)
         triggers = sum(len(v) for v in sent.values())
@@ -376,6 +383,13 @@ async def run(args: argparse.Namespace, redis_url: str, database_url: str, logs:
         )
         await asyncio.sleep(0.5)
         service_cpu = (service.cpu() - cpu) / triggers
+        print(
+            "CPU per trigger by process: "
+            + ", ".join(
+                f"{name} {(t - cpu_parts[name]) / triggers * 1000:.2f} ms"
+                for name, t in service.cpu_by_process().items()
+            )
+        )
         trigger_calls = (redis_calls(rclient) - calls) / triggers
         found: list[float] = []
         lost = dups = 0
@@ -512,7 +526,7 @@ async def run(args: argparse.Namespace, redis_url: str, database_url: str, logs:
     )
     report.row(
         f"5 connect storm, {len(storm)} new sessions on one gateway",
-        f"last cart {storm_carts:.2f} s after start, {storm_missing} without, {storm_errors} pool errors, trigger 0.2 s later missed by {storm_unreached}",
+        f"all connected {connected - storm_started:.2f} s, last cart {storm_carts:.2f} s after start, {storm_missing} without, {storm_errors} pool errors, trigger 0.2 s later missed by {storm_unreached}",
         "",
     )
     report.row(
@@ -574,7 +588,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--storm", type=int, default=2000)
-    parser.add_argument("--idle-seconds", type=float, default=20)
+    # Idle windows: a multiple of every periodic loop (lease renewal 2 s, heartbeat 3.3 s,
+    # probes 5 s), long enough that one tick more or less is noise per session.
+    parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument(
         "--no-speedups", dest="speedups", action="store_false", help="no uvloop, httptools, hiredis"
     )

@@ -109,6 +109,11 @@ class CartState:
         self._begin = client.register_script(_BEGIN)
         self._commit = client.register_script(_COMMIT)
 
+    async def load_commit_script(self) -> None:
+        """Load the commit script on the server (at start, and again after Redis lost its
+        script cache: see `commit`)."""
+        await self._commit.registered_client.script_load(_COMMIT)
+
     @property
     def snapshots(self) -> bool:
         return self._snapshot_ttl_ms > 0
@@ -129,14 +134,21 @@ class CartState:
             begun.append(Begun(decode_names(owners), int(seq), cached))
         return begun
 
-    async def commit(self, pipe: Any, fresh: Sequence[tuple[str, CartSnapshot]]) -> None:
+    def commit(self, pipe: Any, fresh: Sequence[tuple[str, CartSnapshot]]) -> bool:
         """Queue on `pipe` (before its publishes): store each fresh snapshot while its seq is
-        still the session's latest."""
+        still the session's latest.
+
+        EVALSHA straight away: a script object on a pipeline would cost a SCRIPT EXISTS round
+        trip per batch. If the server does not know the script (Redis restarted), this command
+        fails alone and the publishes queued after it still run: the caller loads it again
+        (`load_commit_script`); a snapshot is only ever a saving, never needed. Returns whether
+        a command was queued."""
         if not fresh or not self.snapshots:
-            return
+            return False
         keys: list[str] = []
         args: list[Any] = [self._snapshot_ttl_ms]
         for key, snapshot in fresh:
             keys += [self._keys.session_seq(key), self._keys.session_cart(key)]
             args += [str(snapshot.seq), snapshot.pack()]
-        await self._commit(keys=keys, args=args, client=pipe)  # queued: runs with the pipeline
+        pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+        return True

@@ -12,8 +12,8 @@ Guarantees:
 
 Batching (a batch is read in one SQL statement and one Redis call, `service.Fetcher`): a
 worker takes every session that is ready, up to `batch_max`. A lone trigger on an idle fetcher
-runs at once; while another batch is in flight (a burst), a worker first waits `window`
-seconds for more to arrive. This is Centrifugo's batching (up to 50, at most 50 ms) adapted to
+runs at once; while half the workers or more are busy (a burst), a worker first waits
+`window` seconds for more to arrive. This is Centrifugo's batching (up to 50, at most 50 ms) adapted to
 load: the wait is paid only when there is a queue to amortise it over.
 """
 
@@ -117,10 +117,15 @@ class WorkCoalescer:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
+    def _loaded(self) -> bool:
+        """Half the workers or more busy: a burst, where a short wait buys a fuller batch. Below
+        that (a steady trickle) work starts at once: the window would only add latency."""
+        return self._batch_max > 1 and self._in_flight >= max(1, self._concurrency // 2)
+
     async def _work(self) -> None:
         while True:
             sids = [await self._ready.get()]
-            if self._in_flight and self._batch_max > 1 and self._ready.qsize() < self._batch_max:
+            if self._loaded() and self._ready.qsize() < self._batch_max:
                 await asyncio.sleep(self._window)  # a burst: let the batch fill
             while len(sids) < self._batch_max and not self._ready.empty():
                 sids.append(self._ready.get_nowait())

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from shared import codec
 from shared.broker import Subscription, create_client
@@ -130,6 +131,10 @@ class Fetcher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        try:
+            await self.cart_state.load_commit_script()
+        except RedisError as exc:  # Redis down at start: loaded after the first failed commit
+            log.warning("could not load the snapshot script yet (%s)", exc)
         self.coalescer.start()
         self._tasks = [
             asyncio.create_task(self.subscription.run(), name="subscription"),
@@ -376,10 +381,19 @@ class Fetcher:
             outgoing.add(plan_cart_deliveries(works[i], keys[i], begun[i].owners, snapshot), "cart")
 
         async with self.client.pipeline(transaction=False) as pipe:
-            await self.cart_state.commit(pipe, fresh)  # before the publishes: a join that
-            for channel, message in outgoing.messages(self.keys.gateway_channel):  # follows them
-                pipe.publish(channel, message)  # finds the snapshot
-            await pipe.execute()
+            # Snapshots before the publishes: a join that follows a push finds its snapshot.
+            stored = self.cart_state.commit(pipe, fresh)
+            for channel, message in outgoing.messages(self.keys.gateway_channel):
+                pipe.publish(channel, message)
+            results = await pipe.execute(raise_on_error=False)
+        # Every command ran (a pipeline is not a transaction). A snapshot that was not stored
+        # only costs a later read; a publish that failed fails the work, which is retried.
+        published = results[1:] if stored else results
+        if errors := [r for r in published if isinstance(r, Exception)]:
+            raise errors[0]
+        if stored and isinstance(results[0], Exception):
+            log.info("cart snapshots not stored (%s); loading the script again", results[0])
+            await self.cart_state.load_commit_script()
         for kind, count in outgoing.counts.items():
             self.metrics.deliveries_published.labels(kind).inc(count)
         for work in works:
