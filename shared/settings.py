@@ -165,6 +165,9 @@ class GatewaySettings:
     max_connections: int = 20000
     handshake_timeout_seconds: float = 10.0
     trust_forwarded_proto: bool = False
+    socketio_ping_interval_seconds: float = 25.0
+    socketio_ping_timeout_seconds: float = 20.0
+    socketio_connect_timeout_seconds: float = 45.0
     log_level: str = "INFO"
 
     @classmethod
@@ -194,6 +197,15 @@ class GatewaySettings:
             max_connections=env.integer("MAX_CONNECTIONS", 20000, low=1, high=1_000_000),
             handshake_timeout_seconds=env.number("HANDSHAKE_TIMEOUT_SECONDS", 10.0, low=0.5, high=300.0),
             trust_forwarded_proto=env.flag("TRUST_FORWARDED_PROTO", False),
+            socketio_ping_interval_seconds=env.number(
+                "SOCKETIO_PING_INTERVAL_SECONDS", 25.0, low=0.1, high=3600.0
+            ),
+            socketio_ping_timeout_seconds=env.number(
+                "SOCKETIO_PING_TIMEOUT_SECONDS", 20.0, low=0.1, high=3600.0
+            ),
+            socketio_connect_timeout_seconds=env.number(
+                "SOCKETIO_CONNECT_TIMEOUT_SECONDS", 45.0, low=0.1, high=3600.0
+            ),
             log_level=_log_level(env),
         )
 

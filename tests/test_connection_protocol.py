@@ -11,6 +11,7 @@ from services.gateway.connection import (
     JoinSession,
     LeaveRoom,
     Limits,
+    RelayToRoom,
     RelayToSession,
     RequestCart,
     Send,
@@ -136,12 +137,65 @@ def test_unknown_and_peer_types_are_refused_not_relayed():
     for message in [
         '{"type":"chat"}',
         '{"type":"notification"}',
-        '{"type":"room_message"}',
         '{"x":1}',
         '{"type":7}',
     ]:
         [error] = proto.on_text(message)
         assert isinstance(error, Send) and error.message["code"] == "UNSUPPORTED_MESSAGE_TYPE"
+
+
+def test_room_message_goes_only_from_a_member_to_its_entity_room():
+    proto = ConnectionProtocol(Limits(bad_message_burst=100))
+    proto.on_open("abc")
+    for room in ["entity_resource_1", session_room_id("abc"), "user_bookinguser_1", 7, None]:
+        [error] = sent(proto.on_text(json.dumps({"type": "room_message", "roomId": room})))
+        assert error["code"] == "ROOM_ACCESS_DENIED", room
+    proto.on_text('{"type":"subscribe","entityType":"resource","entityId":"1"}')
+    [relay] = proto.on_text('{"type":"room_message","roomId":"entity_resource_1","presence":"editing"}')
+    assert relay == RelayToRoom(
+        "entity_resource_1", {"type": "room_message", "roomId": "entity_resource_1", "presence": "editing"}
+    )
+
+
+def test_request_types_this_service_does_not_implement_get_an_immediate_error_reply():
+    """Today's frontend waits 5 to 15 s for these; it matches replies on the type and on
+    requestId (create, delete), data.buildingId (free time) or data.id (detail), and falls
+    back to REST for create/delete only when the message says "timeout"."""
+    proto = ConnectionProtocol()
+    proto.on_open("abc")
+    cases = {
+        '{"type":"create_simple_application","requestId":"booking_1","resourceId":1}': (
+            "create_application_response",
+            "requestId",
+            "booking_1",
+        ),
+        '{"type":"delete_partial_application","requestId":"delete_1","applicationId":5}': (
+            "delete_application_response",
+            "requestId",
+            "delete_1",
+        ),
+        '{"type":"get_free_time","buildingId":10,"startDate":"2026-01-01"}': (
+            "free_time_response",
+            "buildingId",
+            10,
+        ),
+        '{"type":"get_application_detail","id":42}': ("application_detail_response", "id", 42),
+        '{"type":"get_delivered_applications","offset":0}': ("delivered_applications_response", None, None),
+        '{"type":"add_application_comment","requestId":"c1"}': (
+            "add_application_comment_response",
+            "requestId",
+            "c1",
+        ),
+    }
+    for text, (reply_type, field, value) in cases.items():
+        [reply] = sent(proto.on_text(text))
+        assert reply["type"] == reply_type and reply["data"]["error"] is True
+        if field == "requestId":
+            assert reply["requestId"] == value
+        elif field is not None:
+            assert reply["data"][field] == value
+        falls_back = reply_type in ("create_application_response", "delete_application_response")
+        assert ("timeout" in reply["data"]["message"]) is falls_back, "only create/delete fall back to REST"
 
 
 def test_bad_messages_are_rate_limited_then_closed_1008_and_refill():

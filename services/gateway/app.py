@@ -21,7 +21,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
@@ -53,6 +55,7 @@ from .connection import (
     JoinSession,
     LeaveRoom,
     Limits,
+    RelayToRoom,
     RelayToSession,
     RequestCart,
     Send,
@@ -61,15 +64,20 @@ from .connection import (
     page_scheme,
     session_from_cookie,
 )
+from .engineio import EngineConfig, EngineServer
 from .frames import render_cart, stamp
 from .outbox import Frame, Outbox
+from .socketio import SocketIOServer
+from .socketio_transport import PorticoNamespace
 from .sockets import ABORT_EXTENSION
+from .vendor import BUNDLE_MISSING, SOCKETIO_BUNDLE
 
 log = logging.getLogger(__name__)
 
 CLIENT_JS = Path(__file__).resolve().parent / "static" / "client.js"
 REFRESH_BATCH = 500  # session ids per refresh request envelope
 REQUEST_BATCH = 500  # cart requests per requests envelope
+INBOX_LIMIT = 256  # Socket.IO messages of one client waiting to be handled
 PING_SLICES = 20  # server_ping goes to 1/20 of the sockets every interval/20: no 1000-socket burst
 REQUEST_ATTEMPTS = 3  # a cart request is sent at most this often (lost, or answered with an older cart)
 TIMEOUT_MESSAGE = "Timed out waiting for the cart; please try again"
@@ -86,16 +94,33 @@ class Client:
         "finished",
         "gone",
         "id",
+        "inbox",
         "key",
         "outbox",
         "protocol",
+        "reader",
+        "recovered_seq",
+        "transport",
         "writer",
         "ws",
     )
 
-    def __init__(self, client_id: int, ws: WebSocket, protocol: ConnectionProtocol, outbox: Outbox):
+    def __init__(
+        self,
+        client_id: int,
+        ws: Any,
+        protocol: ConnectionProtocol,
+        outbox: Outbox,
+        transport: str = "websocket",
+    ):
         self.id = client_id
-        self.ws = ws
+        self.ws = ws  # the link: a Starlette WebSocket, or a `socketio_transport.SocketIOLink`
+        self.transport = transport  # "websocket" (raw) or "socketio": a bounded metric label
+        # Socket.IO only: messages waiting to be handled in order, and the task handling them
+        # (a raw socket's receive loop handles its own messages in order).
+        self.inbox: deque[Callable[[], list[Any]]] | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.recovered_seq = 0  # Socket.IO: the cart seq the tab said it has (its offset)
         self.protocol = protocol
         self.outbox = outbox
         self.key: str | None = None  # session key of the room it is in
@@ -107,8 +132,8 @@ class Client:
         self.gone: asyncio.Event | None = None
 
     def abort(self) -> None:
-        """Drop the TCP connection now (`sockets.AbortableWebSocketProtocol`)."""
-        abort = self.ws.scope.get("extensions", {}).get(ABORT_EXTENSION)
+        """Drop the connection now (`sockets.AbortableWebSocketProtocol` for raw sockets)."""
+        abort = getattr(self.ws, "abort", None) or self.ws.scope.get("extensions", {}).get(ABORT_EXTENSION)
         if abort is not None:
             abort()
 
@@ -158,6 +183,18 @@ class Gateway:
         self.requests: Batcher[list[Any]] = Batcher(
             self._publish_requests, name="cart requests", max_items=REQUEST_BATCH
         )
+        self.engine = EngineServer(
+            SocketIOServer(
+                {"/": PorticoNamespace(self)}, connect_timeout=settings.socketio_connect_timeout_seconds
+            ),
+            EngineConfig(
+                ping_interval=settings.socketio_ping_interval_seconds,
+                ping_timeout=settings.socketio_ping_timeout_seconds,
+                max_payload=settings.max_frame_bytes,
+                max_buffered=settings.outbox_frames * 4,
+            ),
+            admit=self._admit_engine,
+        )
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -182,6 +219,7 @@ class Gateway:
             asyncio.create_task(self._send_server_pings(), name="server-ping"),
             asyncio.create_task(self._sweep_requests(), name="request-sweep"),
             asyncio.create_task(keep_long_lived_frozen(), name="gc-freeze"),
+            asyncio.create_task(self.engine.run_heartbeat(), name="engine.io-heartbeat"),
         ]
         for task in self._tasks:
             supervise(task, self._on_loop_died)
@@ -247,46 +285,112 @@ class Gateway:
 
     # -- sockets ---------------------------------------------------------------------------
 
-    async def serve(self, ws: WebSocket) -> None:
-        origin, host = ws.headers.get("origin"), ws.headers.get("host")
+    def refusal(self, headers: Any, url_scheme: str) -> tuple[int, str] | None:
+        """Why a new connection is refused (HTTP status, message), or None: the Origin, a
+        drain, the connection cap. One rule for both transports' handshakes."""
+        origin, host = headers.get("origin"), headers.get("host")
         scheme = page_scheme(
-            ws.url.scheme, ws.headers.get("x-forwarded-proto"), self.settings.trust_forwarded_proto
+            url_scheme, headers.get("x-forwarded-proto"), self.settings.trust_forwarded_proto
         )
         if not is_origin_allowed(origin, host, self.settings.allowed_origins, scheme):
             self.metrics.handshakes_rejected.labels("origin").inc()
             log.warning("refused handshake from origin %r (host %r, expected %s)", origin, host, scheme)
-            await ws.close(code=CloseCode.POLICY_VIOLATION)  # before accept: HTTP 403
-            return
+            return 403, "Origin not allowed"
         if self.draining:
             self.metrics.handshakes_rejected.labels("draining").inc()
-            await ws.close(code=CloseCode.TRY_AGAIN_LATER)
-            return
+            return 503, "This server is restarting; try another"
         if len(self.clients) >= self.settings.max_connections:
             self.metrics.handshakes_rejected.labels("capacity").inc()
-            await ws.send_denial_response(
-                Response("This server is full; try again later\n", 503, headers={"Retry-After": "5"})
-            )
-            return
-        await ws.accept()
+            return 503, "This server is full; try again later"
+        return None
+
+    def _admit_engine(self, scope: Any) -> tuple[int, str] | None:
+        return self.refusal(Headers(scope=scope), scope.get("scheme", "http"))
+
+    def open_client(self, link: Any, cookie: str | None, transport: str) -> Client:
+        """Register a new connection (either transport); `open_actions` then greets it."""
         client = Client(
             next(self._ids),
-            ws,
+            link,
             ConnectionProtocol(self.limits),
             Outbox(self.settings.outbox_frames),
+            transport,
         )
         self.clients[client.id] = client
         self.metrics.connections.inc()
+        self.metrics.connections_by_transport.labels(transport).inc()
+        return client
+
+    def open_actions(self, client: Client, cookie: str | None, *, known_seq: int = 0) -> list[Any]:
+        sid, invalid = session_from_cookie(cookie, self.settings.cookie_names)
+        client.recovered_seq = known_seq
+        return client.protocol.on_open(sid, invalid)
+
+    def close_client(self, client: Client) -> None:
+        """The connection is over (either transport): out of every map, tasks stopped."""
+        if client.finished:
+            return
+        self._detach(client)
+        for task in (client.writer, client.reader):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+        client.finished = True
+        if client.gone is not None:
+            client.gone.set()
+        self.clients.pop(client.id, None)
+        self.metrics.connections.dec()
+        self.metrics.connections_by_transport.labels(client.transport).dec()
+
+    def feed(self, client: Client, make_actions: Callable[[], list[Any]]) -> None:
+        """Handle a Socket.IO client's input in arrival order (one task while there is any)."""
+        if client.detached:
+            return
+        if client.inbox is None:
+            client.inbox = deque()
+        if len(client.inbox) >= INBOX_LIMIT:  # the message budgets close it long before this
+            self._drop(client, CloseCode.POLICY_VIOLATION, "too many messages queued")
+            return
+        client.inbox.append(make_actions)
+        if client.reader is None:
+            client.reader = asyncio.get_running_loop().create_task(self._read_inbox(client))
+
+    async def _read_inbox(self, client: Client) -> None:
         try:
-            sid, invalid = session_from_cookie(ws.headers.get("cookie"), self.settings.cookie_names)
-            await self._apply(client, client.protocol.on_open(sid, invalid))
+            while client.inbox and not client.detached:
+                make_actions = client.inbox.popleft()
+                self.metrics.messages_received.labels("text").inc()
+                await self._apply(client, make_actions())
+        except Exception:
+            log.exception("socket %d: unexpected error; closing it", client.id)
+            self._drop(client, CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            client.reader = None
+            client.inbox = None
+
+    async def serve(self, ws: WebSocket) -> None:
+        """A raw WebSocket tab, from handshake to close."""
+        refused = self.refusal(ws.headers, ws.url.scheme)
+        if refused is not None:
+            status, text = refused
+            if status == 403:
+                await ws.close(code=CloseCode.POLICY_VIOLATION)  # before accept: HTTP 403
+            elif self.draining:
+                await ws.close(code=CloseCode.TRY_AGAIN_LATER)
+            else:
+                await ws.send_denial_response(Response(text + "\n", status, headers={"Retry-After": "5"}))
+            return
+        await ws.accept()
+        client = self.open_client(ws, ws.headers.get("cookie"), "websocket")
+        try:
+            await self._apply(client, self.open_actions(client, ws.headers.get("cookie")))
             while not client.protocol.closed:
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
-                text = message.get("text")
-                if text is not None:
+                raw_text = message.get("text")
+                if raw_text is not None:
                     self.metrics.messages_received.labels("text").inc()
-                    actions = client.protocol.on_text(text)
+                    actions = client.protocol.on_text(raw_text)
                 else:
                     self.metrics.messages_received.labels("binary").inc()
                     actions = client.protocol.on_binary()
@@ -301,14 +405,7 @@ class Gateway:
             if client.writer is not None:
                 await asyncio.wait([client.writer], timeout=2)
         finally:
-            self._detach(client)
-            if client.writer is not None and not client.writer.done():
-                client.writer.cancel()
-            client.finished = True
-            if client.gone is not None:
-                client.gone.set()
-            self.clients.pop(client.id, None)
-            self.metrics.connections.dec()
+            self.close_client(client)
 
     def _wake_writer(self, client: Client) -> None:
         if client.writer is None and not client.detached:
@@ -322,7 +419,10 @@ class Gateway:
         """Write what is queued, then end (woken again by the next `_enqueue`)."""
         try:
             while (frame := client.outbox.pop()) is not None:
-                await client.ws.send_text(frame.text)
+                if frame.seq and client.transport == "socketio":
+                    await client.ws.send_cart(frame.text, frame.seq)  # seq as the recovery offset
+                else:
+                    await client.ws.send_text(frame.text)
                 self.metrics.messages_sent.labels(frame.kind).inc()
                 self.metrics.bytes_sent.inc(frame.size)
                 if frame.received_at is not None:
@@ -405,6 +505,8 @@ class Gateway:
                 await self._request_cart(client, codec.GET, action.request_id, action.has_request_id)
             elif isinstance(action, RelayToSession):
                 await self._relay(client, action.message)
+            elif isinstance(action, RelayToRoom):
+                await self._relay_to_room(client, action.room_id, action.message)
             elif isinstance(action, JoinRoom):
                 await self._join_room(client, action)
             elif isinstance(action, LeaveRoom):
@@ -430,6 +532,15 @@ class Gateway:
                 await self.claims.submit(key)
         for message in joined_messages(action, len(self.sessions[key])):
             self._send(client, message)
+        recovered, client.recovered_seq = client.recovered_seq, 0
+        if recovered:
+            # A Socket.IO tab back with the offset (seq) of the cart it shows: never sent that
+            # cart again, and not even asked for when another tab here has the same newest seq.
+            newest = max((c.cart_seq for c in self.sessions[key] if c is not client), default=0)
+            client.cart_seq = recovered
+            if newest and newest == recovered:
+                self.metrics.carts_recovered.inc()
+                return
         # Claimed before asking: a change after this point is pushed, one before is in the reply.
         await self._request_cart(client, codec.JOIN, None, False)
 
@@ -624,6 +735,23 @@ class Gateway:
         except RedisError as exc:
             log.warning("session_message not relayed to other gateways (%s)", exc)
 
+    async def _relay_to_room(self, sender: Client, room: str, message: dict[str, Any]) -> None:
+        """A member's room_message for the *other* members of an entity room (the co-editing
+        page's presence), on every gateway that holds one."""
+        text = stamp(message)
+        for other in self.rooms.get(room, ()):
+            if other is not sender:
+                self._enqueue(other, Frame(text, "room_message"))
+        route = room_route(room)
+        try:
+            owners = await self.registry.owners(route)
+            envelope = codec.pack({"kind": codec.FRAME, "room": room, "frame": text, "received_at": None})
+            for gateway in owners:
+                if gateway != self.id:
+                    await self.client.publish(self.keys.gateway_channel(gateway), envelope)
+        except RedisError as exc:
+            log.warning("room_message not relayed to other gateways (%s)", exc)
+
     # -- deliveries from Redis -------------------------------------------------------------
 
     async def _on_subscribed(self) -> None:
@@ -662,7 +790,7 @@ class Gateway:
             if shared_frame is None:
                 text = render_cart(cart, push=True)
                 shared_frame = Frame(
-                    text, "partial_applications_response", cart=True, received_at=received_at
+                    text, "partial_applications_response", cart=True, received_at=received_at, seq=seq
                 )
             return shared_frame
 
@@ -730,6 +858,9 @@ class Gateway:
 
 
 SOCKET_PATHS = frozenset({"/wss", "/wss/", "/"})
+# Socket.IO: `/wss/socket.io/` as the frontend connects, `/socket.io/` behind a proxy that strips
+# `/wss`. The bundle (`socket.io.js`) is a plain HTTP route under both.
+SOCKETIO_PREFIXES = ("/wss/socket.io", "/socket.io")
 
 
 class SocketsFirst:
@@ -742,10 +873,17 @@ class SocketsFirst:
         self.app, self.gateway, self.state = app, gateway, app.state
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket" and scope["path"] in SOCKET_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] == "websocket" and path in SOCKET_PATHS:
             await self.gateway.serve(WebSocket(scope, receive, send))
+        elif scope["type"] in ("http", "websocket") and _is_engine_path(path):
+            await self.gateway.engine(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def _is_engine_path(path: str) -> bool:
+    return any(path in (prefix, prefix + "/") for prefix in SOCKETIO_PREFIXES)
 
 
 def create_app(settings: GatewaySettings) -> SocketsFirst:
@@ -774,9 +912,22 @@ def create_app(settings: GatewaySettings) -> SocketsFirst:
             headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "public, max-age=300"},
         )
 
+    async def socketio_bundle(request: Request) -> Response:
+        # The official socket.io-client browser bundle, fetched from npm and checked against
+        # its published integrity hash at install time (`services/gateway/vendor.py`).
+        if not SOCKETIO_BUNDLE.is_file():
+            return Response(f"{BUNDLE_MISSING}\n", 404, media_type="text/plain")
+        return FileResponse(
+            SOCKETIO_BUNDLE,
+            media_type="text/javascript",
+            headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "public, max-age=3600"},
+        )
+
     routes = [
         Route("/wss/client.js", client_js),
         Route("/client.js", client_js),
+        Route("/wss/socket.io/socket.io.js", socketio_bundle),
+        Route("/socket.io/socket.io.js", socketio_bundle),
         *health_routes(ready, gateway.metrics.registry, lambda: gateway.failure),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

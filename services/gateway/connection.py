@@ -67,6 +67,14 @@ class RelayToSession:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayToRoom:
+    """A member's room_message for the other members of an entity room, on every gateway."""
+
+    room_id: str
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class JoinRoom:
     """Join an entity or user room, then send `replies` (the driver adds `room_joined`'s
     roomSize to the first one when it is a room_joined)."""
@@ -87,7 +95,7 @@ class Close:
     reason: str
 
 
-Action = Send | JoinSession | RequestCart | RelayToSession | JoinRoom | LeaveRoom | Close
+Action = Send | JoinSession | RequestCart | RelayToSession | RelayToRoom | JoinRoom | LeaveRoom | Close
 
 
 # -- pure helpers --------------------------------------------------------------------------
@@ -181,11 +189,14 @@ class Budget:
 # budget the socket gets RATE_LIMITED and is closed 1008, like a socket sending bad messages.
 ANY_MESSAGE: Final = "*"
 NEW_SESSION: Final = "update_session:new"  # update_session to an id other than the current one
+NOT_HERE: Final = "not-implemented"  # the request types of NOT_IMPLEMENTED, together
 DEFAULT_BUDGETS: Final = {
     ANY_MESSAGE: Budget(60, 20.0),
     NEW_SESSION: Budget(3, 1 / 30),
     "get_partial_applications": Budget(10, 1.0),
     "session_message": Budget(20, 5.0),
+    "room_message": Budget(20, 5.0),
+    NOT_HERE: Budget(10, 1.0),
     "subscribe": Budget(60, 2.0),
     "unsubscribe": Budget(60, 2.0),
     "update_user_info": Budget(5, 0.1),
@@ -263,6 +274,12 @@ class ConnectionProtocol:
     def on_binary(self) -> list[Action]:
         return self._close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
 
+    def on_foreign(self, description: str) -> list[Action]:
+        """Input the protocol has no message for (a Socket.IO event other than "message")."""
+        if self.closed:
+            return []
+        return self._bad_message(ErrorCode.UNSUPPORTED_MESSAGE_TYPE, f"{description} is not supported")
+
     def on_text(self, text: str) -> list[Action]:
         if self.closed:
             return []
@@ -274,6 +291,10 @@ class ConnectionProtocol:
             return self._bad_message(ErrorCode.INVALID_JSON, "Message must be a JSON object")
         kind = message.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+        if handler is None and kind in NOT_IMPLEMENTED:
+            if not (self._within_budget(ANY_MESSAGE) and self._within_budget(NOT_HERE)):
+                return self._rate_limited(f"Too many {kind} messages; closing")
+            return [Send(not_implemented_reply(message))]
         if handler is None:
             shown = kind if isinstance(kind, str) else None
             return self._bad_message(
@@ -406,6 +427,14 @@ class ConnectionProtocol:
             return [Send(reply)]
         return [RequestCart(request_id, has_request_id)]
 
+    def _on_room_message(self, message: dict[str, Any]) -> list[Action]:
+        room = message.get("roomId")
+        if not isinstance(room, str) or not room.startswith("entity_") or room not in self.rooms:
+            return self._bad_message(
+                ErrorCode.ROOM_ACCESS_DENIED, "Subscribe to an entity room before sending to it"
+            )
+        return [RelayToRoom(room, {**message, "type": "room_message"})]
+
     def _on_session_message(self, message: dict[str, Any]) -> list[Action]:
         if self.session_id is None:
             return self._bad_message(ErrorCode.NO_SESSION, "Join a session before sending session messages")
@@ -438,9 +467,42 @@ _HANDLERS: dict[str, Callable[[ConnectionProtocol, dict[str, Any]], list[Action]
     "update_user_info": ConnectionProtocol._on_update_user_info,
     "get_partial_applications": ConnectionProtocol._on_get_partial_applications,
     "session_message": ConnectionProtocol._on_session_message,
+    "room_message": ConnectionProtocol._on_room_message,
     "subscribe": ConnectionProtocol._on_subscribe,
     "unsubscribe": ConnectionProtocol._on_unsubscribe,
 }
+
+
+# -- request types of today's frontend that this service does not implement --------------------
+# Each gets an immediate error reply in the type and with the id field its client matches on,
+# instead of silence until the client's own 5 to 15 s timeout. The frontend falls back to REST
+# for create/delete only when the error message contains "timeout" (any other error is shown
+# to the user as a failed action), so those replies say "timeout": the action then happens
+# over REST at once. The others have no REST fallback: a prompt error only ends the wait.
+
+_REST_FALLBACK = "Not available on this real-time server (timeout: use the REST endpoint)"
+_UNAVAILABLE = "Not available on this real-time server"
+# request type -> (reply type, message, the request field echoed inside `data` for matching)
+NOT_IMPLEMENTED: Final = {
+    "create_simple_application": ("create_application_response", _REST_FALLBACK, None),
+    "delete_partial_application": ("delete_application_response", _REST_FALLBACK, None),
+    "get_free_time": ("free_time_response", _UNAVAILABLE, "buildingId"),
+    "get_application_detail": ("application_detail_response", _UNAVAILABLE, "id"),
+    "get_delivered_applications": ("delivered_applications_response", _UNAVAILABLE, None),
+    "add_application_comment": ("add_application_comment_response", _UNAVAILABLE, None),
+}
+
+
+def not_implemented_reply(message: dict[str, Any]) -> dict[str, Any]:
+    reply_type, text, echoed = NOT_IMPLEMENTED[message["type"]]
+    data: dict[str, Any] = {"error": True, "status": "error", "message": text}
+    if echoed is not None and isinstance(message.get(echoed), str | int | float):
+        data[echoed] = message[echoed]
+    reply: dict[str, Any] = {"type": reply_type, "data": data}
+    request_id = message.get("requestId")
+    if isinstance(request_id, str | int | float) and not isinstance(request_id, bool):
+        reply["requestId"] = request_id  # create/delete clients match on it
+    return reply
 
 
 # -- frames the driver builds once it knows the room size -------------------------------------

@@ -325,11 +325,11 @@ class EngineServer:
             if refused is not None:
                 await self._error(send, refused[0], 4, refused[1], scope)
                 return
-            session = self._open(scope, None)
+            opened = self._open(scope, None)
             await self._respond(
-                send, 200, self._handshake_payload(session.sid, ["websocket"]), self._cors(scope)
+                send, 200, self._handshake_payload(opened.sid, ["websocket"]), self._cors(scope)
             )
-            self.handler.on_open(session)
+            self.handler.on_open(opened)
             return
         session = self.sessions.get(sid)
         if (

@@ -21,6 +21,7 @@ class Frame:
     kind: str  # message type, for metrics
     cart: bool = False  # a replaceable full-state cart push
     received_at: float | None = None  # trigger arrival, for the latency histogram
+    seq: int = 0  # a cart push's seq (Socket.IO sends it as the connection-recovery offset)
     _size: int = -1
 
     @property

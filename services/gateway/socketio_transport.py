@@ -1,0 +1,128 @@
+"""Socket.IO tabs on the gateway core: today's Portico frontend, unchanged.
+
+The frontend (socket.io-client 4.8, path `/wss/socket.io`, `transports: ['polling',
+'websocket']`) sends and receives the raw protocol's JSON objects as the event `"message"`
+on namespace `/`: `42["message",{...}]`. `PorticoNamespace` turns each Socket.IO connection
+into a gateway `Client` whose link (`SocketIOLink`) writes frames as that event, so sessions,
+rooms, carts, relays, budgets and drain are the raw WebSocket's, on both transports of
+Engine.IO.
+
+What differs from a raw socket, for that client's sake:
+* after `connection_success` an unsolicited `session_update_confirmation {success: true}`
+  (the client counts itself connected only on that message, and does not resend
+  `update_session` after a reconnect);
+* a cart push carries its `seq` as the Socket.IO offset (the event's last argument, with
+  connection-state recovery): a tab that reconnects with the offset of the cart this gateway
+  last pushed for its session gets no second copy of it;
+* closing (drain, slow consumer, rate limit) ends the Engine.IO session without a Socket.IO
+  DISCONNECT, so socket.io-client reconnects by itself, as a raw tab would.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from shared.codec import dumps
+from shared.protocol import mask_session_id
+
+from .connection import Send
+from .socketio import Socket
+
+if TYPE_CHECKING:
+    from .app import Client, Gateway
+
+EVENT = "message"
+
+
+class SocketIOLink:
+    """What the gateway's writer sends through: one Socket.IO socket."""
+
+    __slots__ = ("scope", "socket")
+    transport = "socketio"
+
+    def __init__(self, socket: Socket) -> None:
+        self.socket = socket
+        self.scope = socket.session.scope
+
+    async def send_text(self, text: str) -> None:
+        if self.socket.session.closed:
+            raise ConnectionError("socket.io session closed")
+        self.socket.send_event_json(EVENT, text)
+
+    async def send_cart(self, text: str, seq: int) -> None:
+        """A cart push, with its seq as the connection-state-recovery offset."""
+        if self.socket.session.closed:
+            raise ConnectionError("socket.io session closed")
+        prefix = "2" if self.socket.namespace == "/" else f"2{self.socket.namespace},"
+        self.socket.session.send(f'{prefix}["{EVENT}",{text},"{seq}"]')
+
+    async def close(self, code: int, reason: str) -> None:
+        self.socket.session.close(f"closed by the gateway ({code} {reason})")
+
+    def abort(self) -> None:
+        self.socket.session.close("aborted by the gateway")
+
+
+class PorticoNamespace:
+    """Namespace `/`: each socket is a gateway client."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.pid = secrets.token_urlsafe(12)  # connection-state recovery: offsets are seqs
+
+    def on_connect(self, socket: Socket, auth: dict[str, Any]) -> None:
+        offset = auth.get("offset")
+        client = self.gateway.open_client(SocketIOLink(socket), _cookie(socket), "socketio")
+        socket.data = client
+        recovered = offset if isinstance(offset, str) and offset.isdigit() else None
+        self.gateway.feed(client, lambda: self._opened(client, recovered))
+
+    def _opened(self, client: Client, offset: str | None) -> list[Any]:
+        cookie = _cookie_of(client)
+        actions = self.gateway.open_actions(client, cookie, known_seq=int(offset) if offset else 0)
+        if client.protocol.session_id is not None:
+            actions.append(
+                Send(
+                    {
+                        "type": "session_update_confirmation",
+                        "success": True,
+                        "message": "Session ID taken from the session cookie",
+                        "action": "set",
+                        "wasRequired": False,
+                        "sessionId": mask_session_id(client.protocol.session_id),
+                    }
+                )
+            )
+        return actions
+
+    def on_event(self, socket: Socket, name: str, args: list[Any], ack_id: int | None) -> None:
+        client: Client | None = socket.data
+        if client is None:
+            return
+        if name == EVENT and len(args) >= 1 and isinstance(args[0], dict):
+            text = dumps(args[0])
+            self.gateway.feed(client, lambda: client.protocol.on_text(text))
+        else:
+            self.gateway.feed(client, lambda: client.protocol.on_foreign(f"socket.io event {name[:40]!r}"))
+
+    def on_disconnect(self, socket: Socket, reason: str) -> None:
+        client: Client | None = socket.data
+        if client is not None:
+            socket.data = None
+            self.gateway.close_client(client)
+
+
+def _cookie(socket: Socket) -> str | None:
+    for key, value in socket.session.scope.get("headers", ()):
+        if key == b"cookie":
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _cookie_of(client: Client) -> str | None:
+    link = client.ws
+    for key, value in link.scope.get("headers", ()):
+        if key == b"cookie":
+            return str(value.decode("latin-1"))
+    return None
