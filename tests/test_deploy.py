@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.gateway.shutdown import grace_period_seconds
 from shared.metrics import FetcherMetrics, GatewayMetrics
 from shared.metrics import render as render_metrics
 
@@ -77,7 +78,7 @@ def test_gateway_rollout_drains_inside_the_grace_period(overlay: str):
     container = gateway["containers"][0]
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     drain = float(config["DRAIN_SECONDS"])
-    assert gateway["terminationGracePeriodSeconds"] >= pre_stop + drain + 10
+    assert gateway["terminationGracePeriodSeconds"] >= grace_period_seconds(drain, pre_stop)
     env = {e["name"]: e for e in container["env"]}
     assert env["GATEWAY_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"

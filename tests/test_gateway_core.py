@@ -73,3 +73,64 @@ async def test_outbox_latest_cart_wins_and_overflow_is_reported():
     assert box.pop() is None and len(box) == 0
     box.close_after_flush(1001, "bye")
     assert box.put(Frame("late", "x")) is True and box.pop() is None, "closing: dropped"
+
+
+# -- the hub: membership and the cart rule, without I/O ---------------------------------------
+
+
+class _Member:
+    def __init__(self) -> None:
+        self.session_key: str | None = None
+        self.cart_seq = 0
+
+
+def test_hub_reports_first_and_last_members_of_sessions_and_rooms():
+    from services.gateway.hub import Hub
+    from shared.protocol import room_route, session_key
+
+    hub: Hub[_Member] = Hub()
+    a, b = _Member(), _Member()
+    key, first, released = hub.join_session(a, "sessA")
+    assert (key, first, released) == (session_key("sessA"), True, None)
+    assert hub.join_session(b, "sessA")[1] is False, "second member: nothing to claim"
+    assert hub.join_session(a, "sessA") == (key, False, None), "joining again changes nothing"
+    assert hub.leave_session(b) is None, "a member remains"
+    # a moves to another session: its old one is released, the new one claimed
+    new_key, first, released = hub.join_session(a, "sessB")
+    assert first is True and released == key and hub.routes() == [new_key]
+    assert hub.join_room(a, "entity_x_1") == (True, 1) and hub.join_room(b, "entity_x_1") == (False, 2)
+    assert hub.leave_room(a, "entity_x_1") is False and hub.leave_room(b, "entity_x_1") is True
+    assert hub.leave_room(b, "entity_x_1") is False, "leaving twice releases once"
+    assert hub.holds(new_key) and not hub.holds(room_route("entity_x_1"))
+    assert hub.leave_session(a) == new_key and hub.routes() == [] and hub.session_ids == {}
+
+
+def test_hub_never_sends_an_older_cart_after_a_newer_one():
+    from services.gateway.hub import Hub
+
+    member = _Member()
+    assert Hub.accept_push(member, 5) and member.cart_seq == 5
+    assert not Hub.accept_push(member, 5), "the same cart is not pushed twice"
+    assert not Hub.accept_push(member, 4)
+    assert Hub.accept_reply(member, 5), "a reply with the tab's own cart is what it asked for"
+    assert not Hub.accept_reply(member, 3) and member.cart_seq == 5
+
+
+def test_cart_requests_retry_joins_and_expire_gets():
+    from services.gateway.cart_requests import EXPIRED, GET, JOIN, RETRY, CartRequests
+
+    requests: CartRequests[str] = CartRequests(timeout=10, attempts=3)
+    join = requests.add("tab", JOIN, None, False, now=0)
+    get = requests.add("tab", GET, "r1", True, now=0)
+    gone = requests.add("closed-tab", GET, None, False, now=0)
+    assert requests.due(5, gone=lambda c: False) == []
+    due = requests.due(10, gone=lambda c: c == "closed-tab")
+    assert [(o, t) for o, t, _ in due] == [(RETRY, join), (EXPIRED, get)]
+    assert len(requests) == 1 and requests.answer(gone) is None, "a closed tab's request is forgotten"
+    assert [o for o, _, _ in requests.due(20, gone=lambda c: False)] == [RETRY]
+    assert [o for o, _, _ in requests.due(30, gone=lambda c: False)] == [EXPIRED], "three attempts"
+    token = requests.add("tab", GET, None, False, now=0)
+    pending = requests.answer(token)
+    assert pending is not None and requests.answer(token) is None, "answered once"
+    assert requests.ask_again(token, pending, now=1) and requests.ask_again(token, pending, now=2)
+    assert not requests.ask_again(token, pending, now=3), "attempts used up"

@@ -73,7 +73,7 @@ async def test_a_writer_that_cannot_send_drops_its_socket(small_stack: Stack):
     [client] = gateway.clients.values()
     gateway._enqueue(client, Frame("\ud800 cannot be UTF-8", "test"))  # what the old relay let through
     assert await tab.wait_closed(5) is not None
-    await eventually(lambda: not gateway.clients and not gateway.sessions, 5, what="socket forgotten")
+    await eventually(lambda: not gateway.clients and not gateway.hub.sessions, 5, what="socket forgotten")
     await eventually(
         lambda: _no_owner(gateway, session_key(SID)), 5, what="ownership released after the drop"
     )
@@ -220,7 +220,7 @@ async def test_ownership_is_released_when_many_sockets_close_at_once(small_stack
         await tab.send({"type": "subscribe", "entityType": "resource", "entityId": n})
     gateway = running.gateway
     await eventually(
-        lambda: len(gateway.sessions) == 300 and len(gateway.rooms) == 100, 20, what="all joined"
+        lambda: len(gateway.hub.sessions) == 300 and len(gateway.hub.rooms) == 100, 20, what="all joined"
     )
     for tab in tabs:
         tab.ws.transport.abort()  # all at once, as abusive clients vanish
@@ -263,7 +263,7 @@ async def test_a_tab_that_stops_reading_is_dropped_with_a_deadline(small_stack: 
     big = json.dumps({"type": "notification", "pad": "x" * 60000})
     await publish(redis_url, NOTIFICATIONS_CHANNEL, *[big] * 200)  # ~12 MB that nobody reads
     await eventually(lambda: not gateway.clients, 15, what="the deaf tab dropped and forgotten")
-    assert not gateway.sessions
+    assert not gateway.hub.sessions
     await publish(redis_url, NOTIFICATIONS_CHANNEL, *[big] * 20)
     await asyncio.sleep(0.5)
     warnings = [r for r in caplog.records if "slow consumer" in r.getMessage()]

@@ -229,7 +229,7 @@ async def test_gateway_never_sends_an_older_cart_after_a_newer_one(redis_url, da
             await publish_cart(9, all_tabs=True)  # late and older: dropped
             await tab.send({"type": "get_partial_applications", "requestId": "r"})
             token = await eventually(
-                lambda: next((t for t, p in gateway.pending.items() if p.kind == "get"), None)
+                lambda: next((t for t, p in gateway.pending.waiting() if p.kind == "get"), None)
             )
             await publish_cart(8, all_tabs=False, tokens=[(token, "get")])  # older reply: asked again
 

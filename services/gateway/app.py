@@ -18,13 +18,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +41,13 @@ from shared.gc_tuning import keep_long_lived_frozen
 from shared.health import health_routes
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
-from shared.protocol import CloseCode, room_route, session_key, shard_of
+from shared.protocol import CloseCode, room_route, shard_of
 from shared.registry import RECLAIM_SECONDS, RedisOwnershipRegistry
 from shared.settings import GatewaySettings
 from shared.supervision import supervise
 
+from . import shutdown
+from .cart_requests import RETRY, CartRequests
 from .connection import (
     Close,
     ConnectionProtocol,
@@ -66,6 +66,7 @@ from .connection import (
 )
 from .engineio import EngineConfig, EngineServer
 from .frames import render_cart, stamp
+from .hub import Hub
 from .outbox import Frame, Outbox
 from .socketio import SocketIOServer
 from .socketio_transport import PorticoNamespace
@@ -95,11 +96,11 @@ class Client:
         "gone",
         "id",
         "inbox",
-        "key",
         "outbox",
         "protocol",
         "reader",
         "recovered_seq",
+        "session_key",
         "transport",
         "writer",
         "ws",
@@ -123,7 +124,7 @@ class Client:
         self.recovered_seq = 0  # Socket.IO: the cart seq the tab said it has (its offset)
         self.protocol = protocol
         self.outbox = outbox
-        self.key: str | None = None  # session key of the room it is in
+        self.session_key: str | None = None  # the session it is in (`hub.py` words)
         self.cart_seq = 0  # seq of the newest cart sent: older ones are never sent after it
         self.writer: asyncio.Task[None] | None = None
         self.detached = False  # out of every map: receives nothing more
@@ -136,16 +137,6 @@ class Client:
         abort = getattr(self.ws, "abort", None) or self.ws.scope.get("extensions", {}).get(ABORT_EXTENSION)
         if abort is not None:
             abort()
-
-
-@dataclass(slots=True)
-class PendingRequest:
-    client: Client
-    kind: str  # codec.GET or codec.JOIN
-    request_id: Any
-    has_request_id: bool
-    deadline: float
-    attempts: int = 1
 
 
 class Gateway:
@@ -168,10 +159,10 @@ class Gateway:
         )
         self.limits = Limits(settings.bad_message_burst, settings.bad_message_refill_per_second)
         self.clients: dict[int, Client] = {}
-        self.sessions: dict[str, set[Client]] = {}  # session key -> its sockets here
-        self.session_ids: dict[str, str] = {}  # session key -> session id (for refreshes)
-        self.rooms: dict[str, set[Client]] = {}  # entity/user room id -> its sockets here
-        self.pending: dict[int, PendingRequest] = {}
+        self.hub: Hub[Client] = Hub()  # which connection is in which session and room
+        self.pending: CartRequests[Client] = CartRequests(
+            timeout=settings.request_timeout_seconds, attempts=REQUEST_ATTEMPTS
+        )
         self.draining = False
         self.failure: str | None = None  # set when an essential background loop died
         self._to_release: set[str] = set()  # routes whose last local socket left
@@ -196,7 +187,6 @@ class Gateway:
             admit=self._admit_engine,
         )
         self._ids = itertools.count(1)
-        self._tokens = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self.metrics.redis_last_message_age.set_function(lambda: self.subscription.last_message_age)
@@ -226,40 +216,8 @@ class Gateway:
         log.info("gateway %s started: %r", self.id, self.settings)
 
     async def drain(self) -> None:
-        """Hand every tab over to the other gateways without a stampede or a lost update.
-
-        Readiness turns false and new handshakes are refused at once. Every tab is told
-        `reconnect_required` with a `retryAfterMs` spread over the drain window; tabs that do
-        not close by themselves are closed with 1001, paced evenly over the same window (old
-        clients reconnect a fixed time after the close). Until its socket closes a tab is
-        still served: the subscription and the session leases stay up during the drain.
-        Runs before uvicorn closes the remaining connections itself (`main.GatewayServer`).
-        """
-        if self.draining:
-            return
-        self.draining = True
-        self.metrics.draining.set(1)
-        window = self.settings.drain_seconds
-        clients = list(self.clients.values())
-        random.shuffle(clients)
-        log.info("draining %d socket(s) over %.1fs", len(clients), window)
-        for client in clients:
-            self._send(
-                client,
-                {
-                    "type": "reconnect_required",
-                    "message": "This server is restarting; please reconnect",
-                    "retryAfterMs": random.randint(0, int(window * 1000)),
-                },
-            )
-        started = time.monotonic()
-        for i, client in enumerate(clients):
-            due = started + window * i / len(clients)
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            self._close_after_flush(client, CloseCode.GOING_AWAY, "server restarting")
-        writers = [c.writer for c in clients if c.writer is not None and not c.writer.done()]
-        if writers:
-            await asyncio.wait(writers, timeout=5)
+        """Hand every tab to the other gateways (`shutdown.drain`)."""
+        await shutdown.drain(self)
 
     def _on_loop_died(self, what: str) -> None:
         # Every loop is essential (a dead one means deaf, unrefreshed or unreleased state):
@@ -270,7 +228,7 @@ class Gateway:
         await self.drain()
         try:
             await self.registry.leave()  # no longer an owner of anything, at once
-            await self.registry.release([*self._held_routes(), *self._to_release])
+            await self.registry.release([*self.hub.routes(), *self._to_release])
         except RedisError as exc:
             log.warning("could not release sessions on stop (%s); they expire by TTL", exc)
         self.subscription.stop()
@@ -401,7 +359,7 @@ class Gateway:
             pass
         except Exception:
             log.exception("socket %d: unexpected error; closing it", client.id)
-            self._close_after_flush(client, CloseCode.INTERNAL_ERROR, "internal error")
+            self.close_after_flush(client, CloseCode.INTERNAL_ERROR, "internal error")
             if client.writer is not None:
                 await asyncio.wait([client.writer], timeout=2)
         finally:
@@ -411,7 +369,7 @@ class Gateway:
         if client.writer is None and not client.detached:
             client.writer = asyncio.get_running_loop().create_task(self._write(client))
 
-    def _close_after_flush(self, client: Client, code: int, reason: str) -> None:
+    def close_after_flush(self, client: Client, code: int, reason: str) -> None:
         client.outbox.close_after_flush(code, reason)
         self._wake_writer(client)
 
@@ -474,7 +432,7 @@ class Gateway:
         if not client.finished:
             client.abort()
 
-    def _send(self, client: Client, message: dict[str, Any]) -> None:
+    def send(self, client: Client, message: dict[str, Any]) -> None:
         kind = str(message.get("type"))
         if kind == "error":
             self.metrics.client_errors.labels(str(message.get("code"))).inc()
@@ -498,7 +456,7 @@ class Gateway:
             if client.detached:
                 return  # dropped meanwhile (slow consumer, failed writer): nothing more to do
             if isinstance(action, Send):
-                self._send(client, action.message)
+                self.send(client, action.message)
             elif isinstance(action, JoinSession):
                 await self._join_session(client, action)
             elif isinstance(action, RequestCart):
@@ -512,31 +470,26 @@ class Gateway:
             elif isinstance(action, LeaveRoom):
                 self._leave_room(client, action.room_id)
                 for message in action.replies:
-                    self._send(client, message)
+                    self.send(client, message)
             elif isinstance(action, Close):
-                self._close_after_flush(client, action.code, action.reason)
+                self.close_after_flush(client, action.code, action.reason)
 
     # -- sessions --------------------------------------------------------------------------
 
     async def _join_session(self, client: Client, action: JoinSession) -> None:
-        key = session_key(action.session_id)
-        if client.key != key:
-            self._leave_session(client)
-            client.key = key
-            client.cart_seq = 0
-            members = self.sessions.setdefault(key, set())
-            members.add(client)
-            self.session_ids[key] = action.session_id
-            if len(members) == 1:
-                self.metrics.sessions_held.set(len(self.sessions))
-                await self.claims.submit(key)
-        for message in joined_messages(action, len(self.sessions[key])):
-            self._send(client, message)
+        key, first, released = self.hub.join_session(client, action.session_id)
+        if released is not None:
+            self._release_later(released)
+        if first:
+            self.metrics.sessions_held.set(len(self.hub.sessions))
+            await self.claims.submit(key)
+        for message in joined_messages(action, len(self.hub.sessions[key])):
+            self.send(client, message)
         recovered, client.recovered_seq = client.recovered_seq, 0
         if recovered:
             # A Socket.IO tab back with the offset (seq) of the cart it shows: never sent that
             # cart again, and not even asked for when another tab here has the same newest seq.
-            newest = max((c.cart_seq for c in self.sessions[key] if c is not client), default=0)
+            newest = self.hub.newest_seq(key, besides=client)
             client.cart_seq = recovered
             if newest and newest == recovered:
                 self.metrics.carts_recovered.inc()
@@ -545,51 +498,25 @@ class Gateway:
         await self._request_cart(client, codec.JOIN, None, False)
 
     def _leave_session(self, client: Client) -> None:
-        key = client.key
-        if key is None:
-            return
-        client.key = None
-        members = self.sessions.get(key)
-        if members is None:
-            return
-        members.discard(client)
-        if members:
-            return
-        del self.sessions[key]
-        self.session_ids.pop(key, None)
-        self.metrics.sessions_held.set(len(self.sessions))
-        self._release_later(key)
+        released = self.hub.leave_session(client)
+        if released is not None:
+            self.metrics.sessions_held.set(len(self.hub.sessions))
+            self._release_later(released)
 
     # -- entity and user rooms -------------------------------------------------------------
 
     async def _join_room(self, client: Client, action: JoinRoom) -> None:
-        members = self.rooms.setdefault(action.room_id, set())
-        if client not in members:
-            members.add(client)
-            if len(members) == 1:
-                await self.claims.submit(room_route(action.room_id))
+        first, size = self.hub.join_room(client, action.room_id)
+        if first:
+            await self.claims.submit(room_route(action.room_id))
         for message in action.replies:
             if message.get("type") == "room_joined":
-                message = {**message, "roomSize": len(members)}
-            self._send(client, message)
+                message = {**message, "roomSize": size}
+            self.send(client, message)
 
     def _leave_room(self, client: Client, room: str) -> None:
-        members = self.rooms.get(room)
-        if members is None or client not in members:
-            return
-        members.discard(client)
-        if members:
-            return
-        del self.rooms[room]
-        self._release_later(room_route(room))
-
-    def _held_routes(self) -> list[str]:
-        return [*self.sessions, *(room_route(room) for room in self.rooms)]
-
-    def _holds(self, route: str) -> bool:
-        if route.startswith("room:"):
-            return route.removeprefix("room:") in self.rooms
-        return route in self.sessions
+        if self.hub.leave_room(client, room):
+            self._release_later(room_route(room))
 
     def _release_later(self, route: str) -> None:
         self._to_release.add(route)
@@ -607,7 +534,7 @@ class Gateway:
         while True:
             await self._release_wanted.wait()
             self._release_wanted.clear()
-            batch = [route for route in self._to_release if not self._holds(route)]
+            batch = [route for route in self._to_release if not self.hub.holds(route)]
             self._to_release.clear()
             if not batch:
                 continue
@@ -619,7 +546,7 @@ class Gateway:
                 await asyncio.sleep(RELEASE_RETRY_SECONDS)
                 self._release_wanted.set()
                 continue
-            rejoined = [route for route in batch if self._holds(route)]
+            rejoined = [route for route in batch if self.hub.holds(route)]
             if rejoined:
                 await self._claim(rejoined)
 
@@ -645,11 +572,11 @@ class Gateway:
             except RedisError as exc:
                 log.warning("liveness heartbeat failed (%s)", exc)
                 forgotten = False
-            retry = [route for route in self._claim_failed if self._holds(route)]
+            retry = [route for route in self._claim_failed if self.hub.holds(route)]
             self._claim_failed.clear()
             if (forgotten and self.clients) or time.monotonic() >= next_reclaim:
                 next_reclaim = time.monotonic() + RECLAIM_SECONDS
-                retry = self._held_routes()
+                retry = self.hub.routes()
             if retry:
                 await self._claim(retry)
             await asyncio.sleep(interval)
@@ -657,19 +584,12 @@ class Gateway:
     # -- requests to the fetchers ----------------------------------------------------------
 
     async def _request_cart(self, client: Client, kind: str, request_id: Any, has_request_id: bool) -> None:
-        token = next(self._tokens)
-        self.pending[token] = PendingRequest(
-            client,
-            kind,
-            request_id,
-            has_request_id,
-            deadline=time.monotonic() + self.settings.request_timeout_seconds,
-        )
+        token = self.pending.add(client, kind, request_id, has_request_id, time.monotonic())
         self._publish_request(kind, client, token)
 
     def _publish_request(self, kind: str, client: Client, token: int) -> None:
         """Queue a cart request; it leaves with the others of this moment (`requests`)."""
-        sid = self.session_ids.get(client.key or "")
+        sid = self.hub.session_ids.get(client.session_key or "")
         if sid is not None:
             self.requests.submit_nowait([sid, token, kind])
 
@@ -693,37 +613,28 @@ class Gateway:
     async def _sweep_requests(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for token, pending in list(self.pending.items()):
-                if pending.deadline > now:
+            for outcome, token, pending in self.pending.due(time.monotonic(), lambda c: c.protocol.closed):
+                if outcome == RETRY:
+                    self._publish_request(codec.JOIN, pending.client, token)
                     continue
-                client = pending.client
-                if client.protocol.closed:
-                    del self.pending[token]
-                elif pending.kind == codec.JOIN and pending.attempts < REQUEST_ATTEMPTS:
-                    pending.attempts += 1
-                    pending.deadline = now + self.settings.request_timeout_seconds
-                    self._publish_request(codec.JOIN, client, token)
-                else:
-                    del self.pending[token]
-                    self.metrics.requests_timed_out.inc()
-                    if pending.kind == codec.GET:
-                        reply: dict[str, Any] = {
-                            "type": "partial_applications_response",
-                            "data": {"error": True, "status": "error", "message": TIMEOUT_MESSAGE},
-                        }
-                        if pending.has_request_id:
-                            reply["requestId"] = pending.request_id
-                        self._send(client, reply)
+                self.metrics.requests_timed_out.inc()
+                if pending.kind == codec.GET:
+                    reply: dict[str, Any] = {
+                        "type": "partial_applications_response",
+                        "data": {"error": True, "status": "error", "message": TIMEOUT_MESSAGE},
+                    }
+                    if pending.has_request_id:
+                        reply["requestId"] = pending.request_id
+                    self.send(pending.client, reply)
 
     # -- a tab's session_message -----------------------------------------------------------
 
     async def _relay(self, sender: Client, message: dict[str, Any]) -> None:
-        key = sender.key
+        key = sender.session_key
         if key is None:
             return
         text = stamp(message)
-        for other in self.sessions.get(key, ()):
+        for other in self.hub.session_members(key):
             if other is not sender:
                 self._enqueue(other, Frame(text, "room_message"))
         try:
@@ -739,7 +650,7 @@ class Gateway:
         """A member's room_message for the *other* members of an entity room (the co-editing
         page's presence), on every gateway that holds one."""
         text = stamp(message)
-        for other in self.rooms.get(room, ()):
+        for other in self.hub.room_members(room):
             if other is not sender:
                 self._enqueue(other, Frame(text, "room_message"))
         route = room_route(room)
@@ -757,11 +668,11 @@ class Gateway:
     async def _on_subscribed(self) -> None:
         # Deaf until now: re-register what we hold (Redis may have restarted empty) and ask
         # for fresh carts of every session here.
-        routes = self._held_routes()
+        routes = self.hub.routes()
         if routes:
             await self.registry.claim(routes)
-        if self.session_ids:
-            await self._request_refresh(list(self.session_ids.values()))
+        if self.hub.session_ids:
+            await self._request_refresh(list(self.hub.session_ids.values()))
 
     async def _on_delivery(self, channel: str, data: bytes) -> None:
         try:
@@ -795,31 +706,28 @@ class Gateway:
             return shared_frame
 
         if cart["all"]:
-            for client in self.sessions.get(key, ()):
-                if seq > client.cart_seq:
-                    client.cart_seq = seq
+            for client in self.hub.session_members(key):
+                if self.hub.accept_push(client, seq):
                     self._enqueue(client, push_frame())
                 else:
                     self.metrics.stale_carts_dropped.inc()
         for token, _kind in cart["tokens"]:
-            pending = self.pending.pop(token, None)
+            pending = self.pending.answer(token)
             if pending is None:
                 continue  # answered already, or timed out
             client = pending.client
-            if client.protocol.closed or client.key != key:
+            if client.protocol.closed or client.session_key != key:
                 continue  # gone, or moved to another session since asking
             if pending.kind == codec.JOIN:
-                if seq > client.cart_seq:
-                    client.cart_seq = seq
+                if self.hub.accept_push(client, seq):
                     self._enqueue(client, push_frame())
-            elif seq < client.cart_seq and pending.attempts < REQUEST_ATTEMPTS:
+            elif not self.hub.accept_reply(client, seq) and self.pending.ask_again(
+                token, pending, time.monotonic()
+            ):
                 # Older than a cart this tab already has (possible only around a shard
                 # hand-over): ask again rather than show an older snapshot after a newer one.
-                pending.attempts += 1
-                self.pending[token] = pending
                 self._publish_request(codec.GET, client, token)
             else:
-                client.cart_seq = max(client.cart_seq, seq)
                 text = render_cart(
                     cart, push=False, request_id=pending.request_id, has_request_id=pending.has_request_id
                 )
@@ -830,15 +738,15 @@ class Gateway:
         if envelope.get("broadcast") is True:
             members: Iterable[Client] = list(self.clients.values())
         elif "room" in envelope:
-            members = self.rooms.get(envelope["room"], ())
+            members = self.hub.room_members(envelope["room"])
         else:
-            members = self.sessions.get(envelope["key"], ())
+            members = self.hub.session_members(envelope["key"])
         for client in members:
             self._enqueue(client, frame)
 
     async def _resync(self, envelope: dict[str, Any]) -> None:
         shards, of = set(envelope["shards"]), int(envelope["of"])
-        sids = [sid for key, sid in self.session_ids.items() if shard_of(key, of) in shards]
+        sids = [sid for key, sid in self.hub.session_ids.items() if shard_of(key, of) in shards]
         if sids:
             await self._request_refresh(sids)
 

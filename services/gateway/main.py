@@ -11,6 +11,7 @@ from shared.logconfig import configure_logging
 from shared.settings import GatewaySettings, load_or_exit
 
 from .app import Gateway, create_app
+from .shutdown import shutdown_seconds
 from .sockets import HTTPTOOLS, AbortableWebSocketProtocol, with_handshake_timeout
 
 
@@ -57,7 +58,7 @@ def uvicorn_config(settings: GatewaySettings, **overrides: object) -> uvicorn.Co
         "ws_per_message_deflate": settings.per_message_deflate,
         "log_config": None,
         "lifespan": "on",
-        "timeout_graceful_shutdown": 20,
+        "timeout_graceful_shutdown": shutdown_seconds(settings.drain_seconds),
         "proxy_headers": False,
         "server_header": False,
     }
