@@ -7,6 +7,7 @@ URLs may carry passwords: `repr` and logs only ever show `redact_url(...)`.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import sys
@@ -168,6 +169,7 @@ class GatewaySettings:
     socketio_ping_interval_seconds: float = 25.0
     socketio_ping_timeout_seconds: float = 20.0
     socketio_connect_timeout_seconds: float = 45.0
+    socketio_affinity_cookie: str = ""  # cookie naming this gateway on polling handshakes
     log_level: str = "INFO"
 
     @classmethod
@@ -206,8 +208,15 @@ class GatewaySettings:
             socketio_connect_timeout_seconds=env.number(
                 "SOCKETIO_CONNECT_TIMEOUT_SECONDS", 45.0, low=0.1, high=3600.0
             ),
+            socketio_affinity_cookie=_check_cookie_name(env.text("SOCKETIO_AFFINITY_COOKIE", "")),
             log_level=_log_level(env),
         )
+
+
+def _check_cookie_name(name: str) -> str:
+    if name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f"SOCKETIO_AFFINITY_COOKIE must be a cookie name (A-Z, 0-9, _ . -), got {name!r}")
+    return name
 
 
 @dataclass(frozen=True)

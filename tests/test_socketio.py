@@ -197,3 +197,19 @@ async def test_the_socketio_bundle_is_served_or_missing_with_a_reason(stack: Sta
                 assert f"Socket.IO v{SOCKETIO_CLIENT_VERSION}" in response.text[:300]
             else:
                 assert response.status_code == 404 and "services.gateway.vendor" in response.text
+
+
+async def test_the_polling_handshake_names_the_gateway_for_a_proxys_affinity(stack: Stack):
+    """Polling needs every request of an Engine.IO session on one gateway process: with
+    SOCKETIO_AFFINITY_COOKIE the handshake sets a cookie naming the gateway (compose's nginx
+    routes on it); by default (the Ingress sets its own cookie) none."""
+    import httpx
+
+    named = await stack.add_gateway(socketio_affinity_cookie="portico_gateway")
+    async with httpx.AsyncClient() as client:
+        query = "?EIO=4&transport=polling"
+        response = await client.get(named.http + "/wss/socket.io/" + query)
+        assert response.status_code == 200 and response.text.startswith("0{")
+        assert response.cookies["portico_gateway"] == named.gateway.id
+        plain = await client.get(stack.gateways[0].http + "/socket.io/" + query)
+        assert plain.status_code == 200 and "set-cookie" not in plain.headers

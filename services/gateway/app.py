@@ -183,6 +183,9 @@ class Gateway:
                 ping_timeout=settings.socketio_ping_timeout_seconds,
                 max_payload=settings.max_frame_bytes,
                 max_buffered=settings.outbox_frames * 4,
+                affinity_cookie=(settings.socketio_affinity_cookie, settings.gateway_id)
+                if settings.socketio_affinity_cookie
+                else None,
             ),
             admit=self._admit_engine,
         )

@@ -48,6 +48,8 @@ class EngineConfig:
     max_payload: int = 1_000_000  # bytes of one polling POST, or of one WebSocket frame
     max_buffered: int = 256  # outgoing packets a session may have queued before it is closed
     cors_any_origin: bool = False  # `Access-Control-Allow-Origin: *` (the conformance suites)
+    # (cookie name, value) set on the polling handshake, for a proxy's affinity (see nginx.conf)
+    affinity_cookie: tuple[str, str] | None = None
 
 
 class EngineHandler(Protocol):
@@ -326,9 +328,11 @@ class EngineServer:
                 await self._error(send, refused[0], 4, refused[1], scope)
                 return
             opened = self._open(scope, None)
-            await self._respond(
-                send, 200, self._handshake_payload(opened.sid, ["websocket"]), self._cors(scope)
-            )
+            headers = self._cors(scope)
+            if self.config.affinity_cookie is not None:
+                name, value = self.config.affinity_cookie
+                headers.append((b"set-cookie", f"{name}={value}; Path=/; HttpOnly; SameSite=Lax".encode()))
+            await self._respond(send, 200, self._handshake_payload(opened.sid, ["websocket"]), headers)
             self.handler.on_open(opened)
             return
         session = self.sessions.get(sid)
