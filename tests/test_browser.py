@@ -69,8 +69,9 @@ async def demo(redis_url, database_url, prefix, db):
             await task
 
 
-async def open_demo(browser: Browser, origin: str, gateway: int) -> Tab:
-    tab = await browser.new_tab(f"{origin}/?gateway={gateway}")
+async def open_demo(browser: Browser, origin: str, gateway: int, transport: str = "websocket") -> Tab:
+    query = f"?gateway={gateway}" + ("&transport=socketio" if transport == "socketio" else "")
+    tab = await browser.new_tab(f"{origin}/{query}")
     await tab.wait_for("document.querySelector('#status').dataset.state === 'open'")
     await tab.wait_for("document.querySelector('#count').textContent !== '–'")
     return tab
@@ -100,6 +101,28 @@ async def test_two_tabs_on_two_gateways_update_together(browser: Browser, demo):
     # Remove from the second tab; the first follows.
     await second.click("#items li .remove")
     await first.wait_for("document.querySelector('#count').textContent === '1'")
+
+
+async def test_a_socketio_tab_and_a_raw_tab_update_together(browser: Browser, demo):
+    """Today's frontend transport: the page on socket.io-client (the bundle the gateway serves,
+    polling then WebSocket, cookies with withCredentials from another origin) beside a raw tab."""
+    from services.gateway.vendor import SOCKETIO_BUNDLE
+
+    if not SOCKETIO_BUNDLE.is_file():
+        pytest.skip("no socket.io-client bundle installed (make install fetches it from npm)")
+    stack, origin = demo
+    sio = await open_demo(browser, origin, 1, "socketio")
+    raw = await open_demo(browser, origin, 2)
+    assert await sio.text("#status-text") == "Live · gateway 1 · Socket.IO"
+    await raw.click("#add")
+    for tab in (sio, raw):
+        await tab.wait_for("document.querySelector('#count').textContent === '1'")
+    await sio.click("#add")
+    for tab in (sio, raw):
+        await tab.wait_for("document.querySelectorAll('#items li').length === 2")
+    assert [c.transport for c in stack.gateways[0].gateway.clients.values()] == ["socketio"]
+    assert [c.transport for c in stack.gateways[1].gateway.clients.values()] == ["websocket"]
+    await sio.screenshot(OUTPUT / "demo-tab-socketio.png")
 
 
 async def test_a_tab_cut_off_during_a_change_shows_it_after_reconnecting(browser: Browser, demo):

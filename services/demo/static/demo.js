@@ -61,17 +61,55 @@ function toast(text) {
   setTimeout(() => div.remove(), 8000);
 }
 
-const config = await (await fetch("/api/config")).json();
-const chosen = Math.min(Math.max(Number(new URLSearchParams(location.search).get("gateway") || 1), 1), config.gateways.length);
-config.gateways.forEach((spec, i) => {
-  const a = document.createElement("a");
-  a.href = `?gateway=${i + 1}`;
-  a.textContent = `Gateway ${i + 1}`;
-  if (i + 1 === chosen) a.className = "current";
-  $("#gateways").append(a);
-});
+// Today's Portico frontend speaks Socket.IO (socket.io-client, path /wss/socket.io, the event
+// "message" carrying the same JSON objects): `?transport=socketio` shows the page through it,
+// with the official client bundle the gateway serves, beside the raw WebSocket client.
+async function connectSocketIO(spec) {
+  const base = spec.startsWith(":") ? `${location.protocol}//${location.hostname}${spec}` : spec.startsWith("/") ? location.origin : spec;
+  await new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = `${base}/wss/socket.io/socket.io.js`;
+    script.onload = resolve;
+    script.onerror = () => reject(new Error("the gateway serves no socket.io-client bundle"));
+    document.head.append(script);
+  });
+  const socket = window.io(base, { path: "/wss/socket.io", transports: ["polling", "websocket"], withCredentials: true });
+  const emit = (name, detail) => window.dispatchEvent(new CustomEvent(`portico:${name}`, { detail }));
+  socket.on("connect", () => emit("connected", { url: base, transport: "socketio" }));
+  socket.on("disconnect", (reason) => emit("reconnecting", { attempt: 1, reason }));
+  socket.on("message", (message) => {
+    emit("message", message);
+    if (message.type === "partial_applications_response") {
+      emit("partial_applications", { ...message.data, isServerPush: message.data.source === "server_push" });
+    } else if (["server_message", "room_message", "notification", "entity_event"].includes(message.type)) {
+      emit(message.type, message);
+    }
+  });
+  const send = (message) => socket.emit("message", message);
+  return {
+    socket,
+    subscribe: (entityType, entityId) => send({ type: "subscribe", entityType, entityId }),
+    unsubscribe: (entityType, entityId) => send({ type: "unsubscribe", entityType, entityId }),
+  };
+}
 
-window.addEventListener("portico:connected", () => setStatus("open", `Live · gateway ${chosen}`));
+const config = await (await fetch("/api/config")).json();
+const params = new URLSearchParams(location.search);
+const chosen = Math.min(Math.max(Number(params.get("gateway") || 1), 1), config.gateways.length);
+const transport = params.get("transport") === "socketio" ? "socketio" : "websocket";
+config.gateways.forEach((spec, i) => {
+  for (const [kind, label] of [["websocket", ""], ["socketio", " (Socket.IO)"]]) {
+    const a = document.createElement("a");
+    a.href = kind === "socketio" ? `?gateway=${i + 1}&transport=socketio` : `?gateway=${i + 1}`;
+    a.textContent = `Gateway ${i + 1}${label}`;
+    if (i + 1 === chosen && kind === transport) a.className = "current";
+    $("#gateways").append(a);
+  }
+});
+document.body.dataset.transport = transport;
+
+window.addEventListener("portico:connected", () =>
+  setStatus("open", `Live · gateway ${chosen}${transport === "socketio" ? " · Socket.IO" : ""}`));
 window.addEventListener("portico:reconnecting", (e) => setStatus("connecting", `Reconnecting (try ${e.detail.attempt})…`));
 window.addEventListener("portico:disconnected", () => setStatus("closed", "Disconnected"));
 window.addEventListener("portico:partial_applications", (e) => renderCart(e.detail));
@@ -87,7 +125,10 @@ window.addEventListener("portico:room_message", (e) => {
   $("#room-log").append(li);
 });
 
-const client = createWebSocketClient(gatewayUrl(config.gateways[chosen - 1]));
+const client =
+  transport === "socketio"
+    ? await connectSocketIO(config.gateways[chosen - 1])
+    : createWebSocketClient(gatewayUrl(config.gateways[chosen - 1]));
 window.porticoClient = client;
 
 $("#add").addEventListener("click", () => fetch("/api/applications", { method: "POST" }));
