@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.gateway.frames import render_cart
-from services.gateway.outbox import Frame, Outbox
+from services.gateway.outbox import Outbox, Outgoing
 from shared.codec import dumps
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "cart.json"
@@ -54,7 +54,7 @@ def main() -> None:
 
     def encode_once() -> None:
         text = render_cart(cart, push=True)
-        frame = Frame(text, "partial_applications_response", cart=True)
+        frame = Outgoing(text, "partial_applications_response", cart=True)
         for box in outboxes:
             box.put(frame)
 
@@ -75,7 +75,7 @@ def main() -> None:
                 },
                 "timestamp": cart["fetched_at"],
             }
-            box.put(Frame(dumps(message), "partial_applications_response", cart=True))
+            box.put(Outgoing(dumps(message), "partial_applications_response", cart=True))
 
     once = best_of(20, encode_once)
     per_socket = best_of(5, encode_per_socket)

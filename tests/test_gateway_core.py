@@ -7,7 +7,7 @@ import json
 import pytest
 
 from services.gateway.frames import render_cart, stamp
-from services.gateway.outbox import Frame, Outbox
+from services.gateway.outbox import Outbox, Outgoing
 
 pytestmark = pytest.mark.anyio
 
@@ -64,15 +64,15 @@ def test_stamp_keeps_a_timestamp_and_adds_a_missing_one():
 
 async def test_outbox_latest_cart_wins_and_overflow_is_reported():
     box = Outbox(limit=3)
-    assert box.put(Frame("a", "x")) is True
-    assert box.put(Frame("cart1", "cart", cart=True)) is True
-    assert box.put(Frame("cart2", "cart", cart=True)) is None  # replaced in place
-    assert box.put(Frame("b", "x")) is True
-    assert box.put(Frame("c", "x")) is False  # full: slow consumer
+    assert box.put(Outgoing("a", "x")) is True
+    assert box.put(Outgoing("cart1", "cart", cart=True)) is True
+    assert box.put(Outgoing("cart2", "cart", cart=True)) is None  # replaced in place
+    assert box.put(Outgoing("b", "x")) is True
+    assert box.put(Outgoing("c", "x")) is False  # full: slow consumer
     assert [box.pop().text for _ in range(3)] == ["a", "cart2", "b"]
     assert box.pop() is None and len(box) == 0
     box.close_after_flush(1001, "bye")
-    assert box.put(Frame("late", "x")) is True and box.pop() is None, "closing: dropped"
+    assert box.put(Outgoing("late", "x")) is True and box.pop() is None, "closing: dropped"
 
 
 # -- the hub: membership and the cart rule, without I/O ---------------------------------------

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from services.gateway.outbox import Frame
+from services.gateway.outbox import Outgoing
 from shared import codec
 from shared.keys import NOTIFICATIONS_CHANNEL, Keys
 from shared.protocol import room_route, session_key
@@ -71,7 +71,7 @@ async def test_a_writer_that_cannot_send_drops_its_socket(small_stack: Stack):
     tab = await Tab.open(running.url, session=SID)
     await tab.wait_pushes(1)
     [client] = gateway.clients.values()
-    gateway._enqueue(client, Frame("\ud800 cannot be UTF-8", "test"))  # what the old relay let through
+    gateway._enqueue(client, Outgoing("\ud800 cannot be UTF-8", "test"))  # what the old relay let through
     assert await tab.wait_closed(5) is not None
     await eventually(lambda: not gateway.clients and not gateway.hub.sessions, 5, what="socket forgotten")
     await eventually(

@@ -67,7 +67,7 @@ from .connection import (
 from .engineio import EngineConfig, EngineServer
 from .frames import render_cart, stamp
 from .hub import Hub
-from .outbox import Frame, Outbox
+from .outbox import Outbox, Outgoing
 from .socketio import SocketIOServer
 from .socketio_transport import PorticoNamespace
 from .sockets import ABORT_EXTENSION
@@ -439,9 +439,9 @@ class Gateway:
         kind = str(message.get("type"))
         if kind == "error":
             self.metrics.client_errors.labels(str(message.get("code"))).inc()
-        self._enqueue(client, Frame(stamp(message), kind))
+        self._enqueue(client, Outgoing(stamp(message), kind))
 
-    def _enqueue(self, client: Client, frame: Frame) -> None:
+    def _enqueue(self, client: Client, frame: Outgoing) -> None:
         if client.detached:
             return
         result = client.outbox.put(frame)
@@ -639,7 +639,7 @@ class Gateway:
         text = stamp(message)
         for other in self.hub.session_members(key):
             if other is not sender:
-                self._enqueue(other, Frame(text, "room_message"))
+                self._enqueue(other, Outgoing(text, "room_message"))
         try:
             owners = await self.registry.owners(key)
             envelope = codec.pack({"kind": codec.FRAME, "key": key, "frame": text, "received_at": None})
@@ -655,7 +655,7 @@ class Gateway:
         text = stamp(message)
         for other in self.hub.room_members(room):
             if other is not sender:
-                self._enqueue(other, Frame(text, "room_message"))
+                self._enqueue(other, Outgoing(text, "room_message"))
         route = room_route(room)
         try:
             owners = await self.registry.owners(route)
@@ -696,14 +696,14 @@ class Gateway:
     def _deliver_cart(self, cart: dict[str, Any]) -> None:
         key, seq = cart["key"], int(cart["seq"])
         received_at = cart.get("received_at")
-        shared_frame: Frame | None = None
+        shared_frame: Outgoing | None = None
 
-        def push_frame() -> Frame:
+        def push_frame() -> Outgoing:
             # Rendered once per push and shared by every socket (its byte count too).
             nonlocal shared_frame
             if shared_frame is None:
                 text = render_cart(cart, push=True)
-                shared_frame = Frame(
+                shared_frame = Outgoing(
                     text, "partial_applications_response", cart=True, received_at=received_at, seq=seq
                 )
             return shared_frame
@@ -734,10 +734,10 @@ class Gateway:
                 text = render_cart(
                     cart, push=False, request_id=pending.request_id, has_request_id=pending.has_request_id
                 )
-                self._enqueue(client, Frame(text, "partial_applications_response"))
+                self._enqueue(client, Outgoing(text, "partial_applications_response"))
 
     def _deliver_frame(self, envelope: dict[str, Any]) -> None:
-        frame = Frame(envelope["frame"], "routed", received_at=envelope.get("received_at"))
+        frame = Outgoing(envelope["frame"], "routed", received_at=envelope.get("received_at"))
         if envelope.get("broadcast") is True:
             members: Iterable[Client] = list(self.clients.values())
         elif "room" in envelope:
@@ -760,7 +760,7 @@ class Gateway:
         while True:
             clients = list(self.clients.values())
             text = stamp({"type": "server_ping", "id": f"ping_{uuid.uuid4().hex[:16]}"})
-            frame = Frame(text, "server_ping")
+            frame = Outgoing(text, "server_ping")
             per_slice = -(-len(clients) // PING_SLICES)
             for i in range(PING_SLICES):
                 await asyncio.sleep(step)

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 
 @dataclass(slots=True)
-class Frame:
-    """One text frame; a push shares one Frame between all the sockets it goes to."""
+class Outgoing:
+    """One text to write to connections (a WebSocket text frame, or a Socket.IO "message"
+    event); a push shares one Outgoing between all the connections it goes to. ("Frame" is
+    left to the WebSocket protocol, and to the envelopes' `frame` field: a routed message's
+    JSON text.)"""
 
     text: str
     kind: str  # message type, for metrics
@@ -37,14 +40,14 @@ class Outbox:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._frames: deque[Frame] | None = None  # created on the first frame: idle sockets stay small
+        self._frames: deque[Outgoing] | None = None  # created on the first frame: idle sockets stay small
         self.close_code: int | None = None  # set: the writer closes after the queued frames
         self.close_reason = ""
 
     def __len__(self) -> int:
         return len(self._frames) if self._frames else 0
 
-    def put(self, frame: Frame) -> bool | None:
+    def put(self, frame: Outgoing) -> bool | None:
         """Queue a frame. Returns True if queued, None if it replaced a queued cart, False if
         the outbox is full (slow consumer)."""
         if self.close_code is not None:
@@ -65,7 +68,7 @@ class Outbox:
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
 
-    def pop(self) -> Frame | None:
+    def pop(self) -> Outgoing | None:
         """The next frame, or None when empty (the writer then ends, or closes the socket)."""
         if not self._frames:
             return None
