@@ -32,7 +32,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from shared import codec
 from shared.batching import Batcher
@@ -46,7 +46,7 @@ from shared.registry import RECLAIM_SECONDS, RedisOwnershipRegistry
 from shared.settings import GatewaySettings
 from shared.supervision import supervise
 
-from . import shutdown
+from . import shutdown, websocket_transport
 from .cart_requests import RETRY, CartRequests
 from .connection import (
     Close,
@@ -320,53 +320,13 @@ class Gateway:
             while client.inbox and not client.detached:
                 make_actions = client.inbox.popleft()
                 self.metrics.messages_received.labels("text").inc()
-                await self._apply(client, make_actions())
+                await self.apply(client, make_actions())
         except Exception:
             log.exception("socket %d: unexpected error; closing it", client.id)
             self._drop(client, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             client.reader = None
             client.inbox = None
-
-    async def serve(self, ws: WebSocket) -> None:
-        """A raw WebSocket tab, from handshake to close."""
-        refused = self.refusal(ws.headers, ws.url.scheme)
-        if refused is not None:
-            status, text = refused
-            if status == 403:
-                await ws.close(code=CloseCode.POLICY_VIOLATION)  # before accept: HTTP 403
-            elif self.draining:
-                await ws.close(code=CloseCode.TRY_AGAIN_LATER)
-            else:
-                await ws.send_denial_response(Response(text + "\n", status, headers={"Retry-After": "5"}))
-            return
-        await ws.accept()
-        client = self.open_client(ws, ws.headers.get("cookie"), "websocket")
-        try:
-            await self._apply(client, self.open_actions(client, ws.headers.get("cookie")))
-            while not client.protocol.closed:
-                message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                raw_text = message.get("text")
-                if raw_text is not None:
-                    self.metrics.messages_received.labels("text").inc()
-                    actions = client.protocol.on_text(raw_text)
-                else:
-                    self.metrics.messages_received.labels("binary").inc()
-                    actions = client.protocol.on_binary()
-                await self._apply(client, actions)
-            if client.writer is not None and client.protocol.closed:
-                await asyncio.wait([client.writer], timeout=2)  # flush the last error, close
-        except (WebSocketDisconnect, OSError):  # OSError: uvicorn's ClientDisconnected
-            pass
-        except Exception:
-            log.exception("socket %d: unexpected error; closing it", client.id)
-            self.close_after_flush(client, CloseCode.INTERNAL_ERROR, "internal error")
-            if client.writer is not None:
-                await asyncio.wait([client.writer], timeout=2)
-        finally:
-            self.close_client(client)
 
     def _wake_writer(self, client: Client) -> None:
         if client.writer is None and not client.detached:
@@ -454,7 +414,7 @@ class Gateway:
             log.warning("socket %d: outbox full, dropping slow consumer", client.id)  # once: detached now
             self._drop(client, CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
-    async def _apply(self, client: Client, actions: Iterable[Any]) -> None:
+    async def apply(self, client: Client, actions: Iterable[Any]) -> None:
         for action in actions:
             if client.detached:
                 return  # dropped meanwhile (slow consumer, failed writer): nothing more to do
@@ -786,7 +746,7 @@ class SocketsFirst:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
         if scope["type"] == "websocket" and path in SOCKET_PATHS:
-            await self.gateway.serve(WebSocket(scope, receive, send))
+            await websocket_transport.serve(self.gateway, WebSocket(scope, receive, send))
         elif scope["type"] in ("http", "websocket") and _is_engine_path(path):
             await self.gateway.engine(scope, receive, send)
         else:

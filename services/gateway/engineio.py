@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 OPEN, CLOSE, PING, PONG, MESSAGE, UPGRADE, NOOP = "0123456"
 SEPARATOR = "\x1e"
 CLIENT_CLOSED = "client closed"
+OUTGOING_FULL = "outgoing buffer full"
 PROBE_NOOP_DELAY = 0.1  # a poll during an upgrade ends with a noop after this (as engine.io does)
 Message = str | bytes  # a text message, or a binary one
 
@@ -125,7 +126,7 @@ class EngineSession:
 
     def _push(self, packet: str | bytes) -> None:
         if len(self._outgoing) >= self._server.config.max_buffered:
-            self.close("outgoing buffer full (the client does not read)")
+            self.close(OUTGOING_FULL + " (the client does not read)")
             return
         self._outgoing.append(packet)
         if self.polling:

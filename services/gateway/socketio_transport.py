@@ -20,6 +20,7 @@ What differs from a raw socket, for that client's sake:
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +28,14 @@ from shared.codec import dumps
 from shared.protocol import mask_session_id
 
 from .connection import Send
+from .engineio import OUTGOING_FULL
 from .socketio import Socket
 
 if TYPE_CHECKING:
     from .app import Client, Gateway
 
 EVENT = "message"
+log = logging.getLogger(__name__)
 
 
 class SocketIOLink:
@@ -110,6 +113,9 @@ class PorticoNamespace:
         client: Client | None = socket.data
         if client is not None:
             socket.data = None
+            if reason.startswith(OUTGOING_FULL):  # a polling tab that stopped polling
+                self.gateway.metrics.slow_consumers.labels("closed").inc()
+                log.warning("socket %d: outgoing buffer full, dropping slow consumer", client.id)
             self.gateway.close_client(client)
 
 
