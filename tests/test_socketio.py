@@ -213,3 +213,15 @@ async def test_the_polling_handshake_names_the_gateway_for_a_proxys_affinity(sta
         assert response.cookies["portico_gateway"] == named.gateway.id
         plain = await client.get(stack.gateways[0].http + "/socket.io/" + query)
         assert plain.status_code == 200 and "set-cookie" not in plain.headers
+
+
+async def test_bare_engineio_handshakes_count_against_the_connection_cap(stack: Stack):
+    """Engine.IO sessions live until their Socket.IO CONNECT or the connect timeout: without a
+    cap on them, a flood of bare polling handshakes would cost memory without bound."""
+    import httpx
+
+    small = await stack.add_gateway(max_connections=2)
+    async with httpx.AsyncClient() as client:
+        url = small.http + "/socket.io/?EIO=4&transport=polling"
+        statuses = [(await client.get(url)).status_code for _ in range(3)]
+    assert statuses == [200, 200, 503]

@@ -266,9 +266,15 @@ class Gateway:
         return None
 
     def _admit_engine(self, scope: Any) -> tuple[int, str] | None:
-        return self.refusal(Headers(scope=scope), scope.get("scheme", "http"))
+        refused = self.refusal(Headers(scope=scope), scope.get("scheme", "http"))
+        if refused is None and len(self.engine.sessions) >= self.settings.max_connections:
+            # Engine.IO sessions not yet connected to Socket.IO count too (they live until
+            # SOCKETIO_CONNECT_TIMEOUT_SECONDS): a flood of bare handshakes stays bounded.
+            self.metrics.handshakes_rejected.labels("capacity").inc()
+            return 503, "This server is full; try again later"
+        return refused
 
-    def open_client(self, link: Any, cookie: str | None, transport: str) -> Client:
+    def open_client(self, link: Any, transport: str) -> Client:
         """Register a new connection (either transport); `open_actions` then greets it."""
         client = Client(
             next(self._ids),

@@ -76,14 +76,14 @@ class PorticoNamespace:
 
     def on_connect(self, socket: Socket, auth: dict[str, Any]) -> None:
         offset = auth.get("offset")
-        client = self.gateway.open_client(SocketIOLink(socket), _cookie(socket), "socketio")
+        client = self.gateway.open_client(SocketIOLink(socket), "socketio")
         socket.data = client
-        recovered = offset if isinstance(offset, str) and offset.isdigit() else None
-        self.gateway.feed(client, lambda: self._opened(client, recovered))
+        cookie = _cookie(socket)
+        known_seq = int(offset) if isinstance(offset, str) and offset.isdigit() and len(offset) < 20 else 0
+        self.gateway.feed(client, lambda: self._opened(client, cookie, known_seq))
 
-    def _opened(self, client: Client, offset: str | None) -> list[Any]:
-        cookie = _cookie_of(client)
-        actions = self.gateway.open_actions(client, cookie, known_seq=int(offset) if offset else 0)
+    def _opened(self, client: Client, cookie: str | None, known_seq: int) -> list[Any]:
+        actions = self.gateway.open_actions(client, cookie, known_seq=known_seq)
         if client.protocol.session_id is not None:
             actions.append(
                 Send(
@@ -121,14 +121,6 @@ class PorticoNamespace:
 
 def _cookie(socket: Socket) -> str | None:
     for key, value in socket.session.scope.get("headers", ()):
-        if key == b"cookie":
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _cookie_of(client: Client) -> str | None:
-    link = client.ws
-    for key, value in link.scope.get("headers", ()):
         if key == b"cookie":
             return str(value.decode("latin-1"))
     return None

@@ -35,7 +35,7 @@ async def serve(gateway: Gateway, ws: WebSocket) -> None:
             await ws.send_denial_response(Response(text + "\n", status, headers={"Retry-After": "5"}))
         return
     await ws.accept()
-    client = gateway.open_client(ws, ws.headers.get("cookie"), "websocket")
+    client = gateway.open_client(ws, "websocket")
     try:
         await gateway.apply(client, gateway.open_actions(client, ws.headers.get("cookie")))
         while not client.protocol.closed:
