@@ -449,8 +449,8 @@ class Gateway:
         key, first, released = self.hub.join_session(client, action.session_id)
         if released is not None:
             self._release_later(released)
+        self.metrics.sessions_held.set(len(self.hub.sessions))
         if first:
-            self.metrics.sessions_held.set(len(self.hub.sessions))
             await self.claims.submit(key)
         for message in joined_messages(action, len(self.hub.sessions[key])):
             self.send(client, message)
@@ -596,41 +596,39 @@ class Gateway:
                         reply["requestId"] = pending.request_id
                     self.send(pending.client, reply)
 
-    # -- a tab's session_message -----------------------------------------------------------
+    # -- relays from a tab to the other tabs of its session or room ------------------------
 
     async def _relay(self, sender: Client, message: dict[str, Any]) -> None:
+        """A tab's session_message, to the other tabs of its session on every gateway."""
         key = sender.session_key
-        if key is None:
-            return
-        text = stamp(message)
-        for other in self.hub.session_members(key):
-            if other is not sender:
-                self._enqueue(other, Outgoing(text, "room_message"))
-        try:
-            owners = await self.registry.owners(key)
-            envelope = codec.pack({"kind": codec.FRAME, "key": key, "frame": text, "received_at": None})
-            for gateway in owners:
-                if gateway != self.id:
-                    await self.client.publish(self.keys.gateway_channel(gateway), envelope)
-        except RedisError as exc:
-            log.warning("session_message not relayed to other gateways (%s)", exc)
+        if key is not None:
+            await self._relay_to_others(
+                sender, self.hub.session_members(key), key, {"key": key}, stamp(message)
+            )
 
     async def _relay_to_room(self, sender: Client, room: str, message: dict[str, Any]) -> None:
-        """A member's room_message for the *other* members of an entity room (the co-editing
-        page's presence), on every gateway that holds one."""
-        text = stamp(message)
-        for other in self.hub.room_members(room):
+        """A member's room_message, to the *other* members of an entity room on every gateway
+        (the co-editing page's presence)."""
+        members = self.hub.room_members(room)
+        await self._relay_to_others(sender, members, room_route(room), {"room": room}, stamp(message))
+
+    async def _relay_to_others(
+        self, sender: Client, members: Iterable[Client], route: str, address: dict[str, str], text: str
+    ) -> None:
+        for other in members:
             if other is not sender:
                 self._enqueue(other, Outgoing(text, "room_message"))
-        route = room_route(room)
         try:
-            owners = await self.registry.owners(route)
-            envelope = codec.pack({"kind": codec.FRAME, "room": room, "frame": text, "received_at": None})
-            for gateway in owners:
-                if gateway != self.id:
-                    await self.client.publish(self.keys.gateway_channel(gateway), envelope)
+            owners = [gateway for gateway in await self.registry.owners(route) if gateway != self.id]
+            if not owners:
+                return
+            envelope = codec.pack({"kind": codec.FRAME, **address, "frame": text, "received_at": None})
+            async with self.client.pipeline(transaction=False) as pipe:
+                for gateway in owners:
+                    pipe.publish(self.keys.gateway_channel(gateway), envelope)
+                await pipe.execute()
         except RedisError as exc:
-            log.warning("room_message not relayed to other gateways (%s)", exc)
+            log.warning("relay not sent to other gateways (%s)", exc)
 
     # -- deliveries from Redis -------------------------------------------------------------
 

@@ -55,14 +55,14 @@ class Hub(Generic[M]):
     def leave_session(self, member: M) -> str | None:
         """Take `member` out of its session; returns the session key if it was the last."""
         key, member.session_key = member.session_key, None
-        members = self.sessions.get(key) if key is not None else None
-        if members is None or member not in members:
+        if key is None or member not in self.sessions.get(key, ()):
             return None
+        members = self.sessions[key]
         members.discard(member)
         if members:
             return None
-        del self.sessions[key]  # type: ignore[arg-type]
-        self.session_ids.pop(key, None)  # type: ignore[arg-type]
+        del self.sessions[key]
+        del self.session_ids[key]
         return key
 
     def session_members(self, key: str) -> Iterable[M]:
