@@ -38,9 +38,6 @@ class Batcher(Generic[T]):
         self._waiters: list[asyncio.Future[None]] = []
         self._wanted = asyncio.Event()
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     def submit(self, item: T) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._items.append(item)

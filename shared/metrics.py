@@ -7,6 +7,8 @@ process (tests) without sharing counters.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -19,8 +21,11 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def _with_labels(metric: Counter, *values: str) -> Counter:
-    """Export every known label value at 0 from the start: a labelled counter that has no
+_Metric = TypeVar("_Metric", Counter, Gauge)
+
+
+def _with_labels(metric: _Metric, *values: str) -> _Metric:
+    """Export every known label value at 0 from the start: a labelled metric that has no
     series until its first event shows "No data" in dashboards and breaks `rate()` alerts."""
     for value in values:
         metric.labels(value)
@@ -37,7 +42,9 @@ CLIENT_ERROR_CODES = (
     "INVALID_MESSAGE",
     "UNSUPPORTED_MESSAGE_TYPE",
     "RATE_LIMITED",
+    "ROOM_ACCESS_DENIED",
 )
+TRANSPORTS = ("websocket", "socketio")
 INVALID_INPUT_REASONS = (
     "too_large",
     "not_json",
@@ -65,14 +72,15 @@ class GatewayMetrics:
         r = self.registry = CollectorRegistry()
         ns = "portico_gateway"
         self.connections = Gauge(f"{ns}_connections", "Open connections (every transport)", registry=r)
-        self.connections_by_transport = Gauge(
-            f"{ns}_connections_by_transport",
-            "Open connections by transport: websocket (raw) or socketio",
-            ["transport"],
-            registry=r,
+        self.connections_by_transport = _with_labels(
+            Gauge(
+                f"{ns}_connections_by_transport",
+                "Open connections by transport: websocket (raw) or socketio",
+                ["transport"],
+                registry=r,
+            ),
+            *TRANSPORTS,
         )
-        for transport in ("websocket", "socketio"):
-            self.connections_by_transport.labels(transport)
         self.sessions_held = Gauge(f"{ns}_sessions_held", "Sessions with a socket here", registry=r)
         self.handshakes_rejected = _with_labels(
             Counter(f"{ns}_handshakes_rejected_total", "Handshakes refused", ["reason"], registry=r),

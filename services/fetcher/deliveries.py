@@ -1,6 +1,6 @@
 """Planning: a finished fetch (or a routed message) -> one envelope per gateway that needs it.
 
-Pure: no Redis, no database. The driver collects a batch's envelopes in `Outgoing` and
+Pure: no Redis, no database. The driver collects a batch's envelopes in `GatewayMessages` and
 publishes one message per gateway channel (a `batch` envelope when there are several), so a
 gateway gets each cart once however many of its tabs want it, and a mass invalidation is a
 few messages per gateway rather than one per session.
@@ -21,7 +21,7 @@ from .coalescer import SessionWork
 BATCH_BYTES = 512 * 1024  # a gateway's batch message is split beyond this (Redis output buffers)
 
 
-class Outgoing:
+class GatewayMessages:
     """A batch's envelopes, by gateway, in the order they were planned."""
 
     def __init__(self) -> None:

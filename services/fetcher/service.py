@@ -38,7 +38,7 @@ from shared.supervision import supervise
 
 from .cartstate import CACHED_OR_NEW, NEW, NONE, PUSH, CartSnapshot, CartState
 from .coalescer import GET, JOIN, SessionWork, WorkCoalescer
-from .deliveries import Outgoing, plan_cart_deliveries, plan_frame_deliveries, plan_room_deliveries
+from .deliveries import GatewayMessages, plan_cart_deliveries, plan_frame_deliveries, plan_room_deliveries
 from .shards import ShardLeases
 from .store import CartStore, CartStoreError
 from .triggers import (
@@ -354,7 +354,7 @@ class Fetcher:
             for i, b in zip(corrupt, again, strict=True):
                 begun[i] = b
 
-        outgoing = Outgoing()
+        outgoing = GatewayMessages()
         for work, key, state in zip(works, keys, begun, strict=True):
             if work.frames:
                 if not state.owners:
@@ -443,7 +443,7 @@ class Fetcher:
         if not session_ids:
             return {}
         started = time.perf_counter()
-        statements_before = getattr(self.store, "statements", 0)
+        statements_before = self.store.statements
         try:
             carts = await self.store.fetch_carts(session_ids)
         except CartStoreError as exc:
@@ -456,7 +456,7 @@ class Fetcher:
             }
         finally:
             self.metrics.fetch_duration.observe(time.perf_counter() - started)
-            self.metrics.cart_queries.inc(max(1, getattr(self.store, "statements", 1) - statements_before))
+            self.metrics.cart_queries.inc(self.store.statements - statements_before)
             self.metrics.carts_read.inc(len(session_ids))
         fetched_at = now_iso()
         snapshots = {}

@@ -38,6 +38,8 @@ Cart = list[dict[str, Any]]
 
 
 class CartStore(Protocol):
+    statements: int  # cart statements run so far (a batch rejected for its data runs 1 + n)
+
     async def fetch_carts(self, session_ids: Sequence[str]) -> dict[str, Cart | Exception]: ...
     async def check(self) -> str | None: ...
 

@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
@@ -176,10 +176,9 @@ class EngineSession:
             self.pong_deadline = None
         elif packet_type == CLOSE:
             self.close(CLIENT_CLOSED)
-        elif packet_type in (PING, UPGRADE, NOOP, OPEN):
-            if packet_type == OPEN:
-                raise ProtocolError("open packet from a client")
-        # a PING from the client outside the probe is tolerated and ignored (v3 clients)
+        elif packet_type == OPEN:
+            raise ProtocolError("open packet from a client")
+        # PING (outside the probe: v3 clients), UPGRADE and NOOP need nothing here
 
     def _take_payload(self) -> str:
         packets = []
@@ -282,7 +281,7 @@ class EngineServer:
         send: Any,
         status: int,
         body: str | bytes,
-        headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         data = body.encode() if isinstance(body, str) else body
         content_type = b"application/json" if status >= 400 else b"text/plain; charset=UTF-8"

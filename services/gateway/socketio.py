@@ -160,11 +160,13 @@ class Socket:
         for message in encode(Packet(EVENT, self.namespace, [event, *args])):
             self.session.send(message)
 
-    def send_event_json(self, event: str, json_text: str) -> None:
+    def send_event_json(self, event: str, json_text: str, offset: str | None = None) -> None:
         """Emit `event` with one argument already encoded as JSON text: the gateway's frames
-        are JSON text, so a Socket.IO frame costs a concatenation, not a re-encode."""
+        are JSON text, so a Socket.IO frame costs a concatenation, not a re-encode. `offset`
+        (digits) is appended as the last argument: the connection-state-recovery offset."""
         prefix = "2" if self.namespace == "/" else f"2{self.namespace},"
-        self.session.send(f'{prefix}["{event}",{json_text}]')
+        last = "" if offset is None else f',"{offset}"'
+        self.session.send(f'{prefix}["{event}",{json_text}{last}]')
 
     def ack(self, ack_id: int, *args: Any) -> None:
         for message in encode(Packet(ACK, self.namespace, list(args), ack_id=ack_id)):

@@ -57,8 +57,7 @@ class SocketIOLink:
         """A cart push, with its seq as the connection-state-recovery offset."""
         if self.socket.session.closed:
             raise ConnectionError("socket.io session closed")
-        prefix = "2" if self.socket.namespace == "/" else f"2{self.socket.namespace},"
-        self.socket.session.send(f'{prefix}["{EVENT}",{text},"{seq}"]')
+        self.socket.send_event_json(EVENT, text, str(seq))
 
     async def close(self, code: int, reason: str) -> None:
         self.socket.session.close(f"closed by the gateway ({code} {reason})")
