@@ -12,8 +12,8 @@ Every malformed input closes only its own session.
 * Heartbeat: the server pings every `ping_interval` and expects a pong within `ping_timeout`.
   One timer task for all sessions (`run_heartbeat`), not a task per session.
 * Upgrade: a WebSocket with the session's `sid` answers `2probe` with `3probe`, ends a waiting
-  poll with `6`, and takes over at `5`; from then on polling requests for the sid get 400 and
-  a second WebSocket for it is closed.
+  poll with `6` 100 ms later, and takes over at `5`; from then on polling requests for the sid
+  (a poll still waiting included) get 400 and a second WebSocket for it is closed.
 * Outgoing packets are queued per session and bounded (`max_buffered`): a polling client that
   stops polling is closed, not buffered for without end.
 """
@@ -86,6 +86,7 @@ class EngineSession:
         "_poll_waiter",
         "_server",
         "closed",
+        "closing",
         "data",
         "next_ping",
         "polling",
@@ -108,6 +109,7 @@ class EngineSession:
         self.probed = False  # the upgrade probe was answered: polls now end with a noop
         self.upgraded_at = 0.0
         self.closed = False
+        self.closing = False  # the client sent `1` over polling with no poll waiting
         self.data: Any = None  # the handler's state for this session
         self._outgoing: deque[str | bytes] = deque()
         self._poll_waiter: asyncio.Future[None] | None = None
@@ -170,15 +172,27 @@ class EngineSession:
             log.exception("engine.io: close handler failed")
 
     def _receive(self, packet_type: str, data: str | bytes) -> None:
+        if self.closing:
+            return  # nothing after the client's own close
         if packet_type == MESSAGE:
             self._server.handler.on_message(self, data)
         elif packet_type == PONG:
             self.pong_deadline = None
         elif packet_type == CLOSE:
-            self.close(CLIENT_CLOSED)
+            if self.polling and (self._poll_waiter is None or self._poll_waiter.done()):
+                # The client's poll may still be on its way (it travels on another connection):
+                # it ends with a noop, and the session then, or after a moment without it.
+                self.closing = True
+                asyncio.get_running_loop().call_later(PROBE_NOOP_DELAY, self.close, CLIENT_CLOSED)
+            else:
+                self.close(CLIENT_CLOSED)
         elif packet_type == OPEN:
             raise ProtocolError("open packet from a client")
         # PING (outside the probe: v3 clients), UPGRADE and NOOP need nothing here
+
+    def _end_waiting_poll(self) -> None:
+        if self.polling and not self.closed and self._poll_waiter is not None and not self._poll_waiter.done():
+            self._push(NOOP)
 
     def _take_payload(self) -> str:
         packets = []
@@ -367,6 +381,10 @@ class EngineServer:
             session.close("two polls at once")
             await self._error(send, 400, 3, "Bad request: overlapping poll", scope)
             return
+        if session.closing:
+            await self._respond(send, 200, NOOP, self._cors(scope))
+            session.close(CLIENT_CLOSED)
+            return
         if session.probed:
             # Upgrading: this poll only needs to end, with a noop after a moment (as engine.io's
             # 100 ms check does), or with 400 if the upgrade completed meanwhile.
@@ -385,6 +403,10 @@ class EngineServer:
                 disconnected.cancel()
                 session._poll_waiter = None
             if not waiter.done():  # the client went away mid-poll
+                return
+            if not session.polling:  # upgraded while this poll waited
+                await asyncio.sleep(max(0.0, session.upgraded_at + PROBE_NOOP_DELAY - time.monotonic()))
+                await self._error(send, 400, 1, "Session ID unknown", scope)
                 return
         await self._respond(send, 200, session._take_payload(), self._cors(scope))
 
@@ -408,7 +430,7 @@ class EngineServer:
                     session._receive(MESSAGE, base64.b64decode(raw[1:], validate=True))
                 else:
                     session._receive(*decode_packet(raw))
-                if session.closed:
+                if session.closed or session.closing:
                     break
         except (ProtocolError, ValueError) as exc:
             session.close(f"bad packet ({exc})")
@@ -435,7 +457,7 @@ class EngineServer:
         else:
             existing = self.sessions.get(sid)
             await send({"type": "websocket.accept"})  # a refusal after accept: clients see a close
-            if existing is None or not existing.polling or existing.upgrading:
+            if existing is None or not existing.polling or existing.upgrading or existing.closing:
                 # A second upgrade of one session: refused after a moment, as a poll during an
                 # upgrade is answered, so the upgrade in progress is answered first.
                 await asyncio.sleep(PROBE_NOOP_DELAY)
@@ -457,8 +479,10 @@ class EngineServer:
                 if text == PING + "probe":
                     await send({"type": "websocket.send", "text": PONG + "probe"})
                     session.probed = True
-                    if session._poll_waiter is not None and not session._poll_waiter.done():
-                        session._push(NOOP)  # ends the waiting poll: the client stops polling
+                    # A waiting poll ends with a noop after a moment (engine.io's 100 ms check),
+                    # so the client stops polling; if the upgrade completes first (the poll
+                    # raced the frames in), it ends with 400 instead.
+                    asyncio.get_running_loop().call_later(PROBE_NOOP_DELAY, session._end_waiting_poll)
                 elif text == UPGRADE:
                     break
                 else:

@@ -1,0 +1,68 @@
+"""Engine.IO orderings the official suite (tests/test_conformance.py) meets only by chance.
+
+A polling client's requests travel on separate connections, so the gateway may see them in
+another order than the client sent them. CI saw the suite fail once for each case here; each
+test forces the unlucky order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import websockets
+
+from tests.support.stack import Stack
+
+pytestmark = pytest.mark.anyio
+
+
+async def _handshake(client: httpx.AsyncClient, base: str) -> str:
+    opened = await client.get(base)
+    assert opened.status_code == 200
+    return str(json.loads(opened.text[1:])["sid"])
+
+
+async def test_a_poll_that_races_the_upgrade_frames_is_refused_once_the_upgrade_completes(stack: Stack):
+    """CI caught the official suite's "ignores HTTP requests with same sid after upgrade" failing
+    once: the client sends `2probe` and `5` over the WebSocket, then polls on a new connection,
+    and the poll reached the gateway before the frames did. Here the poll goes first on purpose;
+    it must still end in 400 once the upgrade completes, not in a noop that invites another poll."""
+    base = f"http://127.0.0.1:{stack.gateways[0].port}/socket.io/?EIO=4&transport=polling"
+    async with httpx.AsyncClient() as client:
+        sid = await _handshake(client, base)
+        url = f"ws://127.0.0.1:{stack.gateways[0].port}/socket.io/?EIO=4&transport=websocket&sid={sid}"
+        async with websockets.connect(url, proxy=None) as ws:
+            poll = asyncio.ensure_future(client.get(f"{base}&sid={sid}"))
+            await asyncio.sleep(0.03)  # the poll is waiting at the gateway
+            await ws.send("2probe")
+            await ws.send("5")
+            response = await asyncio.wait_for(poll, 5)
+            assert await asyncio.wait_for(ws.recv(), 5) == "3probe"
+            assert response.status_code == 400, response.text
+
+
+async def test_a_poll_that_arrives_after_the_clients_close_ends_with_a_noop(stack: Stack):
+    """The suite's "forcefully closes the session": a poll and a `1` sent at once, the `1`
+    first at the gateway. The poll still ends cleanly (200, `6`); the next one gets 400."""
+    base = f"http://127.0.0.1:{stack.gateways[0].port}/socket.io/?EIO=4&transport=polling"
+    async with httpx.AsyncClient() as client:
+        sid = await _handshake(client, base)
+        closed = await client.post(f"{base}&sid={sid}", content="1")
+        assert closed.status_code == 200
+        late = await client.get(f"{base}&sid={sid}")
+        assert (late.status_code, late.text) == (200, "6")
+        after = await client.get(f"{base}&sid={sid}")
+        assert after.status_code == 400
+
+
+async def test_a_close_without_a_poll_ends_the_session_after_a_moment(stack: Stack):
+    base = f"http://127.0.0.1:{stack.gateways[0].port}/socket.io/?EIO=4&transport=polling"
+    async with httpx.AsyncClient() as client:
+        sid = await _handshake(client, base)
+        assert (await client.post(f"{base}&sid={sid}", content="1")).status_code == 200
+        await asyncio.sleep(0.5)
+        assert (await client.get(f"{base}&sid={sid}")).status_code == 400
+        assert sid not in stack.gateways[0].gateway.engine.sessions  # nothing left behind
