@@ -225,4 +225,3 @@ async def test_bare_engineio_handshakes_count_against_the_connection_cap(stack: 
         url = small.http + "/socket.io/?EIO=4&transport=polling"
         statuses = [(await client.get(url)).status_code for _ in range(3)]
     assert statuses == [200, 200, 503]
-

@@ -191,7 +191,12 @@ class EngineSession:
         # PING (outside the probe: v3 clients), UPGRADE and NOOP need nothing here
 
     def _end_waiting_poll(self) -> None:
-        if self.polling and not self.closed and self._poll_waiter is not None and not self._poll_waiter.done():
+        if (
+            self.polling
+            and not self.closed
+            and self._poll_waiter is not None
+            and not self._poll_waiter.done()
+        ):
             self._push(NOOP)
 
     def _take_payload(self) -> str:
