@@ -66,3 +66,28 @@ async def test_a_close_without_a_poll_ends_the_session_after_a_moment(stack: Sta
         await asyncio.sleep(0.5)
         assert (await client.get(f"{base}&sid={sid}")).status_code == 400
         assert sid not in stack.gateways[0].gateway.engine.sessions  # nothing left behind
+
+
+async def test_only_the_allowed_origin_may_use_a_session_not_just_open_one(stack: Stack):
+    """The Origin allowlist guarded the handshake only: a request with a session's sid from any
+    other origin was served, and its response allowed that origin to read it with credentials
+    (the session cookie). Every request is checked now, the WebSocket upgrade too."""
+    port = stack.gateways[0].port
+    base = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=polling"
+    own = {"origin": f"http://127.0.0.1:{port}"}
+    evil = {"origin": "https://evil.example"}
+    async with httpx.AsyncClient() as client:
+        opened = await client.get(base, headers=own)
+        assert opened.headers["access-control-allow-origin"] == own["origin"]
+        sid = str(json.loads(opened.text[1:])["sid"])
+        for method, extra in (("GET", {}), ("POST", {"content": "1"}), ("OPTIONS", {})):
+            response = await client.request(method, f"{base}&sid={sid}", headers=evil, **extra)
+            assert response.status_code == 403, (method, response.status_code)
+            assert "access-control-allow-origin" not in response.headers
+        url = f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket&sid={sid}"
+        with pytest.raises(websockets.InvalidStatus):
+            await websockets.connect(url, proxy=None, origin=evil["origin"])  # type: ignore[arg-type]
+        # The session was not disturbed: its own origin still polls it (the CONNECT is due).
+        await client.post(f"{base}&sid={sid}", content="40", headers=own)
+        polled = await client.get(f"{base}&sid={sid}", headers=own)
+        assert polled.status_code == 200 and polled.text.startswith("40{")

@@ -63,6 +63,8 @@ PIECES = [
     "\x1e",
     "b",
     "bAAA",
+    "\u00b2",  # "²": str.isdigit() says yes, int() says no
+    "\u0663",  # "٣", an Arabic-Indic digit: int() takes it
 ]
 
 
@@ -70,11 +72,37 @@ def garbage(rng: random.Random) -> str:
     return "".join(rng.choice(PIECES) for _ in range(rng.randrange(1, 8)))
 
 
+@pytest.mark.parametrize("extra", [[], ["\u00b2"], ["\u0663"]])
+def test_the_packet_decoder_raises_only_its_own_error(extra):
+    """`socketio.decode` on anything: a packet or `PacketError`, never another exception (a
+    ValueError from `int("²")` closed the session as a "transport error", and would have
+    escaped wherever the caller expects only PacketError). Unicode digits are not digits."""
+    from services.gateway.socketio import PacketError, decode
+
+    rng = random.Random(SEED)
+    for _ in range(20_000):
+        text = garbage(rng)
+        if extra and rng.random() < 0.5:
+            at = rng.randrange(len(text) + 1)
+            text = text[:at] + extra[0] + text[at:]
+        try:
+            packet = decode(text)
+        except PacketError:
+            continue
+        assert text[0] in "0123456" and (packet.ack_id is None or str(packet.ack_id) in text), text
+
+
 async def test_malformed_socketio_input_disturbs_nobody(stack: Stack, db, redis_url, caplog):
     from tests.support.sio_tabs import SioTab
 
     await add_application(db, BYSTANDER)
-    gateway = stack.gateways[0]
+    # Short Socket.IO timers: a hostile polling session that never connected, or that no longer
+    # polls, is gone within seconds, whatever garbage the seed happened to send it.
+    gateway = await stack.add_gateway(
+        socketio_connect_timeout_seconds=1.0,
+        socketio_ping_interval_seconds=1.0,
+        socketio_ping_timeout_seconds=1.0,
+    )
     bystander = await SioTab.open(gateway.http, session=BYSTANDER, transports="websocket")
     rng = random.Random(SEED)
     sent = 0

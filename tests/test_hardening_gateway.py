@@ -71,7 +71,7 @@ async def test_a_writer_that_cannot_send_drops_its_socket(small_stack: Stack):
     tab = await Tab.open(running.url, session=SID)
     await tab.wait_pushes(1)
     [client] = gateway.clients.values()
-    gateway._enqueue(client, Outgoing("\ud800 cannot be UTF-8", "test"))  # what the old relay let through
+    gateway.enqueue(client, Outgoing("\ud800 cannot be UTF-8", "test"))  # what the old relay let through
     assert await tab.wait_closed(5) is not None
     await eventually(lambda: not gateway.clients and not gateway.hub.sessions, 5, what="socket forgotten")
     await eventually(

@@ -1,12 +1,13 @@
-"""The gateway process: WebSocket endpoint, session ownership, deliveries from Redis.
+"""The gateway's core: its connections, what they ask for, and the ASGI entry.
 
-Per socket: a receive loop feeding `ConnectionProtocol`, and a bounded `Outbox` drained by a
-writer task that exists only while there is something to write (an idle socket has no task of
-its own beyond uvicorn's). Per process: one subscription (own channel + the all-gateways channel), a liveness
-heartbeat (one Redis command per gateway, not per session), batched claims, cart requests and
-releases (`shared.batching`: a connect storm is a few Redis calls, never one task per socket
-talking to Redis), the application-level `server_ping` spread over its interval, and a sweep
-of unanswered cart requests.
+Per socket (either transport): a `ConnectionProtocol` deciding what each message means, and a
+bounded `Outbox` drained by a writer task that exists only while there is something to write
+(an idle socket has no task of its own beyond uvicorn's). Per process: cart requests to the
+fetchers, batched (`shared.batching`) and swept when unanswered; relays to the other tabs of a
+session or room; the application-level `server_ping` spread over its interval. Elsewhere, by
+job: the transports (`websocket_transport.py`, `socketio_transport.py`), who is in which
+session and room (`hub.py`), Redis ownership (`ownership.py`), what Redis delivers
+(`deliveries.py`), pending requests (`cart_requests.py`), shutdown (`shutdown.py`).
 
 A socket that cannot be written to (its writer failed, or its outbox overflowed) is *dropped*:
 taken out of every session and room at once, closed with a deadline, then aborted. Nothing
@@ -41,8 +42,8 @@ from shared.gc_tuning import keep_long_lived_frozen
 from shared.health import health_routes
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
-from shared.protocol import CloseCode, room_route, shard_of
-from shared.registry import RECLAIM_SECONDS, RedisOwnershipRegistry
+from shared.protocol import CloseCode, room_route
+from shared.registry import RedisOwnershipRegistry
 from shared.settings import GatewaySettings
 from shared.supervision import supervise
 
@@ -64,10 +65,12 @@ from .connection import (
     page_scheme,
     session_from_cookie,
 )
+from .deliveries import Deliveries
 from .engineio import EngineConfig, EngineServer
-from .frames import render_cart, stamp
+from .frames import stamp
 from .hub import Hub
 from .outbox import Outbox, Outgoing
+from .ownership import Ownership
 from .socketio import SocketIOServer
 from .socketio_transport import PorticoNamespace
 from .sockets import ABORT_EXTENSION
@@ -83,7 +86,6 @@ PING_SLICES = 20  # server_ping goes to 1/20 of the sockets every interval/20: n
 REQUEST_ATTEMPTS = 3  # a cart request is sent at most this often (lost, or answered with an older cart)
 TIMEOUT_MESSAGE = "Timed out waiting for the cart; please try again"
 CLOSE_DEADLINE_SECONDS = 2.0  # a dropped socket gets this long to take its close frame, then is aborted
-RELEASE_RETRY_SECONDS = 0.5
 
 
 class Client:
@@ -149,11 +151,12 @@ class Gateway:
         self.registry = RedisOwnershipRegistry(
             self.client, self.keys, self.id, settings.ownership_ttl_seconds
         )
+        self.deliveries = Deliveries(self)
         self.subscription = Subscription(
             settings.redis.url,
             [self.keys.gateway_channel(self.id), self.keys.gateways_channel],
-            self._on_delivery,
-            self._on_subscribed,
+            self.deliveries.on_delivery,
+            self.deliveries.on_subscribed,
             name=f"gateway {self.id}",
             on_state=lambda up: self.metrics.redis_subscription_up.set(1 if up else 0),
         )
@@ -165,11 +168,8 @@ class Gateway:
         )
         self.draining = False
         self.failure: str | None = None  # set when an essential background loop died
-        self._to_release: set[str] = set()  # routes whose last local socket left
-        self._release_wanted = asyncio.Event()
-        self._claim_failed: set[str] = set()  # routes to claim again on the next heartbeat
-        self.claims: Batcher[str] = Batcher(
-            self.registry.claim, name="claims", on_failure=self._on_claims_failed
+        self.ownership = Ownership(
+            self.registry, self.hub, settings.ownership_ttl_seconds, has_sockets=lambda: bool(self.clients)
         )
         self.requests: Batcher[list[Any]] = Batcher(
             self._publish_requests, name="cart requests", max_items=REQUEST_BATCH
@@ -188,6 +188,9 @@ class Gateway:
                 else None,
             ),
             admit=self._admit_engine,
+            origin_allowed=lambda scope: self.origin_allowed(
+                Headers(scope=scope), scope.get("scheme", "http")
+            ),
         )
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -205,10 +208,8 @@ class Gateway:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self.subscription.run(), name="subscription"),
-            asyncio.create_task(self._heartbeat(), name="ownership"),
-            asyncio.create_task(self.claims.run(), name="claims"),
+            *(asyncio.create_task(loop, name=name) for name, loop in self.ownership.loops()),
             asyncio.create_task(self.requests.run(), name="cart-requests"),
-            asyncio.create_task(self._release_ownership(), name="ownership-release"),
             asyncio.create_task(self._send_server_pings(), name="server-ping"),
             asyncio.create_task(self._sweep_requests(), name="request-sweep"),
             asyncio.create_task(keep_long_lived_frozen(), name="gc-freeze"),
@@ -229,11 +230,7 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.drain()
-        try:
-            await self.registry.leave()  # no longer an owner of anything, at once
-            await self.registry.release([*self.hub.routes(), *self._to_release])
-        except RedisError as exc:
-            log.warning("could not release sessions on stop (%s); they expire by TTL", exc)
+        await self.ownership.leave()
         self.subscription.stop()
         for task in self._tasks:
             task.cancel()
@@ -246,16 +243,22 @@ class Gateway:
 
     # -- sockets ---------------------------------------------------------------------------
 
-    def refusal(self, headers: Any, url_scheme: str) -> tuple[int, str] | None:
-        """Why a new connection is refused (HTTP status, message), or None: the Origin, a
-        drain, the connection cap. One rule for both transports' handshakes."""
+    def origin_allowed(self, headers: Any, url_scheme: str) -> bool:
+        """The Origin guard (`connection.is_origin_allowed`); a refusal is counted and logged."""
         origin, host = headers.get("origin"), headers.get("host")
         scheme = page_scheme(
             url_scheme, headers.get("x-forwarded-proto"), self.settings.trust_forwarded_proto
         )
-        if not is_origin_allowed(origin, host, self.settings.allowed_origins, scheme):
-            self.metrics.handshakes_rejected.labels("origin").inc()
-            log.warning("refused handshake from origin %r (host %r, expected %s)", origin, host, scheme)
+        if is_origin_allowed(origin, host, self.settings.allowed_origins, scheme):
+            return True
+        self.metrics.handshakes_rejected.labels("origin").inc()
+        log.warning("refused a request from origin %r (host %r, expected %s)", origin, host, scheme)
+        return False
+
+    def refusal(self, headers: Any, url_scheme: str) -> tuple[int, str] | None:
+        """Why a new connection is refused (HTTP status, message), or None: the Origin, a
+        drain, the connection cap. One rule for both transports' handshakes."""
+        if not self.origin_allowed(headers, url_scheme):
             return 403, "Origin not allowed"
         if self.draining:
             self.metrics.handshakes_rejected.labels("draining").inc()
@@ -343,7 +346,7 @@ class Gateway:
         self._wake_writer(client)
 
     async def _write(self, client: Client) -> None:
-        """Write what is queued, then end (woken again by the next `_enqueue`)."""
+        """Write what is queued, then end (woken again by the next `enqueue`)."""
         try:
             while (frame := client.outbox.pop()) is not None:
                 if frame.seq and client.transport == "socketio":
@@ -369,7 +372,7 @@ class Gateway:
 
     def _detach(self, client: Client) -> None:
         """Take a socket out of its session and rooms (idempotent, never waits). Routes whose
-        last local socket this was are released in the next batch (`_release_ownership`)."""
+        last local socket this was are released in the next batch (`ownership.py`)."""
         if client.detached:
             return
         client.detached = True
@@ -405,9 +408,9 @@ class Gateway:
         kind = str(message.get("type"))
         if kind == "error":
             self.metrics.client_errors.labels(str(message.get("code"))).inc()
-        self._enqueue(client, Outgoing(stamp(message), kind))
+        self.enqueue(client, Outgoing(stamp(message), kind))
 
-    def _enqueue(self, client: Client, frame: Outgoing) -> None:
+    def enqueue(self, client: Client, frame: Outgoing) -> None:
         if client.detached:
             return
         result = client.outbox.put(frame)
@@ -448,10 +451,10 @@ class Gateway:
     async def _join_session(self, client: Client, action: JoinSession) -> None:
         key, first, released = self.hub.join_session(client, action.session_id)
         if released is not None:
-            self._release_later(released)
+            self.ownership.release_later(released)
         self.metrics.sessions_held.set(len(self.hub.sessions))
         if first:
-            await self.claims.submit(key)
+            await self.ownership.claim(key)
         for message in joined_messages(action, len(self.hub.sessions[key])):
             self.send(client, message)
         recovered, client.recovered_seq = client.recovered_seq, 0
@@ -470,14 +473,14 @@ class Gateway:
         released = self.hub.leave_session(client)
         if released is not None:
             self.metrics.sessions_held.set(len(self.hub.sessions))
-            self._release_later(released)
+            self.ownership.release_later(released)
 
     # -- entity and user rooms -------------------------------------------------------------
 
     async def _join_room(self, client: Client, action: JoinRoom) -> None:
         first, size = self.hub.join_room(client, action.room_id)
         if first:
-            await self.claims.submit(room_route(action.room_id))
+            await self.ownership.claim(room_route(action.room_id))
         for message in action.replies:
             if message.get("type") == "room_joined":
                 message = {**message, "roomSize": size}
@@ -485,78 +488,15 @@ class Gateway:
 
     def _leave_room(self, client: Client, room: str) -> None:
         if self.hub.leave_room(client, room):
-            self._release_later(room_route(room))
-
-    def _release_later(self, route: str) -> None:
-        self._to_release.add(route)
-        self._release_wanted.set()
-
-    async def _release_ownership(self) -> None:
-        """Release, in batches, the routes whose last local socket left.
-
-        One pipeline for whatever accumulated, never one Redis call per closing socket: 1000
-        sockets closing at once each awaited their own release, exhausted the pool, and left
-        905 sessions owned in Redis 3 s later. A failed batch is retried; a route that was
-        joined again meanwhile is not released (and is claimed again if the join raced the
-        release in Redis).
-        """
-        while True:
-            await self._release_wanted.wait()
-            self._release_wanted.clear()
-            batch = [route for route in self._to_release if not self.hub.holds(route)]
-            self._to_release.clear()
-            if not batch:
-                continue
-            try:
-                await self.registry.release(batch)
-            except RedisError as exc:
-                log.warning("release of %d route(s) failed (%s); retrying", len(batch), exc)
-                self._to_release.update(batch)
-                await asyncio.sleep(RELEASE_RETRY_SECONDS)
-                self._release_wanted.set()
-                continue
-            rejoined = [route for route in batch if self.hub.holds(route)]
-            if rejoined:
-                await self._claim(rejoined)
-
-    async def _claim(self, keys: list[str]) -> None:
-        try:
-            await self.registry.claim(keys)
-        except RedisError as exc:
-            self._on_claims_failed(keys, exc)
-
-    def _on_claims_failed(self, keys: list[str], exc: Exception) -> None:
-        log.warning("claim of %d route(s) failed (%s); retried on the next heartbeat", len(keys), exc)
-        self._claim_failed.update(keys)
-
-    async def _heartbeat(self) -> None:
-        """Liveness every ownership TTL / 3: one command, whatever this gateway holds. Routes
-        are claimed again when Redis had forgotten this gateway (its data lost), after a
-        failed claim, and every `RECLAIM_SECONDS` (their keys' TTL is a day)."""
-        interval = self.settings.ownership_ttl_seconds / 3
-        next_reclaim = time.monotonic() + RECLAIM_SECONDS
-        while True:
-            try:
-                forgotten = await self.registry.heartbeat()
-            except RedisError as exc:
-                log.warning("liveness heartbeat failed (%s)", exc)
-                forgotten = False
-            retry = [route for route in self._claim_failed if self.hub.holds(route)]
-            self._claim_failed.clear()
-            if (forgotten and self.clients) or time.monotonic() >= next_reclaim:
-                next_reclaim = time.monotonic() + RECLAIM_SECONDS
-                retry = self.hub.routes()
-            if retry:
-                await self._claim(retry)
-            await asyncio.sleep(interval)
+            self.ownership.release_later(room_route(room))
 
     # -- requests to the fetchers ----------------------------------------------------------
 
     async def _request_cart(self, client: Client, kind: str, request_id: Any, has_request_id: bool) -> None:
         token = self.pending.add(client, kind, request_id, has_request_id, time.monotonic())
-        self._publish_request(kind, client, token)
+        self.publish_request(kind, client, token)
 
-    def _publish_request(self, kind: str, client: Client, token: int) -> None:
+    def publish_request(self, kind: str, client: Client, token: int) -> None:
         """Queue a cart request; it leaves with the others of this moment (`requests`)."""
         sid = self.hub.session_ids.get(client.session_key or "")
         if sid is not None:
@@ -570,7 +510,7 @@ class Gateway:
             # Joins are asked again by the sweep; a get times out with an error reply.
             log.warning("%d cart request(s) not sent (%s)", len(items), exc)
 
-    async def _request_refresh(self, session_ids: list[str]) -> None:
+    async def request_refresh(self, session_ids: list[str]) -> None:
         for start in range(0, len(session_ids), REFRESH_BATCH):
             envelope = {
                 "kind": codec.REFRESH,
@@ -584,7 +524,7 @@ class Gateway:
             await asyncio.sleep(0.5)
             for outcome, token, pending in self.pending.due(time.monotonic(), lambda c: c.protocol.closed):
                 if outcome == RETRY:
-                    self._publish_request(codec.JOIN, pending.client, token)
+                    self.publish_request(codec.JOIN, pending.client, token)
                     continue
                 self.metrics.requests_timed_out.inc()
                 if pending.kind == codec.GET:
@@ -617,7 +557,7 @@ class Gateway:
     ) -> None:
         for other in members:
             if other is not sender:
-                self._enqueue(other, Outgoing(text, "room_message"))
+                self.enqueue(other, Outgoing(text, "room_message"))
         try:
             owners = [gateway for gateway in await self.registry.owners(route) if gateway != self.id]
             if not owners:
@@ -629,93 +569,6 @@ class Gateway:
                 await pipe.execute()
         except RedisError as exc:
             log.warning("relay not sent to other gateways (%s)", exc)
-
-    # -- deliveries from Redis -------------------------------------------------------------
-
-    async def _on_subscribed(self) -> None:
-        # Deaf until now: re-register what we hold (Redis may have restarted empty) and ask
-        # for fresh carts of every session here.
-        routes = self.hub.routes()
-        if routes:
-            await self.registry.claim(routes)
-        if self.hub.session_ids:
-            await self._request_refresh(list(self.hub.session_ids.values()))
-
-    async def _on_delivery(self, channel: str, data: bytes) -> None:
-        try:
-            envelopes = codec.decode_deliveries(data)  # fully checked before any state changes
-        except codec.CodecError as exc:
-            envelopes = [exc]
-        for envelope in envelopes:
-            if isinstance(envelope, codec.CodecError):
-                self.metrics.deliveries_invalid.inc()
-                log.warning("dropped invalid envelope on %s (%s)", channel, envelope)
-            elif envelope["kind"] == codec.CART:
-                self._deliver_cart(envelope)
-            elif envelope["kind"] == codec.FRAME:
-                self._deliver_frame(envelope)
-            else:
-                await self._resync(envelope)
-
-    def _deliver_cart(self, cart: dict[str, Any]) -> None:
-        key, seq = cart["key"], int(cart["seq"])
-        received_at = cart.get("received_at")
-        shared_frame: Outgoing | None = None
-
-        def push_frame() -> Outgoing:
-            # Rendered once per push and shared by every socket (its byte count too).
-            nonlocal shared_frame
-            if shared_frame is None:
-                text = render_cart(cart, push=True)
-                shared_frame = Outgoing(
-                    text, "partial_applications_response", cart=True, received_at=received_at, seq=seq
-                )
-            return shared_frame
-
-        if cart["all"]:
-            for client in self.hub.session_members(key):
-                if self.hub.accept_push(client, seq):
-                    self._enqueue(client, push_frame())
-                else:
-                    self.metrics.stale_carts_dropped.inc()
-        for token, _kind in cart["tokens"]:
-            pending = self.pending.answer(token)
-            if pending is None:
-                continue  # answered already, or timed out
-            client = pending.client
-            if client.protocol.closed or client.session_key != key:
-                continue  # gone, or moved to another session since asking
-            if pending.kind == codec.JOIN:
-                if self.hub.accept_push(client, seq):
-                    self._enqueue(client, push_frame())
-            elif not self.hub.accept_reply(client, seq) and self.pending.ask_again(
-                token, pending, time.monotonic()
-            ):
-                # Older than a cart this tab already has (possible only around a shard
-                # hand-over): ask again rather than show an older snapshot after a newer one.
-                self._publish_request(codec.GET, client, token)
-            else:
-                text = render_cart(
-                    cart, push=False, request_id=pending.request_id, has_request_id=pending.has_request_id
-                )
-                self._enqueue(client, Outgoing(text, "partial_applications_response"))
-
-    def _deliver_frame(self, envelope: dict[str, Any]) -> None:
-        frame = Outgoing(envelope["frame"], "routed", received_at=envelope.get("received_at"))
-        if envelope.get("broadcast") is True:
-            members: Iterable[Client] = list(self.clients.values())
-        elif "room" in envelope:
-            members = self.hub.room_members(envelope["room"])
-        else:
-            members = self.hub.session_members(envelope["key"])
-        for client in members:
-            self._enqueue(client, frame)
-
-    async def _resync(self, envelope: dict[str, Any]) -> None:
-        shards, of = set(envelope["shards"]), int(envelope["of"])
-        sids = [sid for key, sid in self.hub.session_ids.items() if shard_of(key, of) in shards]
-        if sids:
-            await self._request_refresh(sids)
 
     async def _send_server_pings(self) -> None:
         """Every socket gets a `server_ping` once per interval, a slice of them at a time: the
@@ -729,7 +582,7 @@ class Gateway:
             for i in range(PING_SLICES):
                 await asyncio.sleep(step)
                 for client in clients[i * per_slice : (i + 1) * per_slice]:
-                    self._enqueue(client, frame)  # a socket closed meanwhile is detached: skipped
+                    self.enqueue(client, frame)  # a socket closed meanwhile is detached: skipped
 
 
 SOCKET_PATHS = frozenset({"/wss", "/wss/", "/"})

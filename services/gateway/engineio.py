@@ -227,8 +227,10 @@ def _header(scope: Any, name: bytes) -> str | None:
 
 
 class EngineServer:
-    """The Engine.IO endpoint. `admit(scope)` returns None to accept a new session, or the
-    reason to refuse it (origin, draining, capacity) as (HTTP status, message)."""
+    """The Engine.IO endpoint. `origin_allowed(scope)` guards every request, not only the
+    handshake: a request from another origin is refused (403) and its response allows no
+    origin, whatever sid it names. `admit(scope)` returns None to accept a new session, or the
+    reason to refuse it (draining, capacity) as (HTTP status, message)."""
 
     def __init__(
         self,
@@ -236,10 +238,12 @@ class EngineServer:
         config: EngineConfig,
         *,
         admit: Callable[[Any], tuple[int, str] | None] | None = None,
+        origin_allowed: Callable[[Any], bool] | None = None,
     ) -> None:
         self.handler = handler
         self.config = config
         self.admit = admit or (lambda scope: None)
+        self.origin_allowed = origin_allowed or (lambda scope: True)
         self.sessions: dict[str, EngineSession] = {}
 
     def forget(self, session: EngineSession) -> None:
@@ -277,6 +281,13 @@ class EngineServer:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         query = _query(scope)
+        if not self.config.cors_any_origin and not self.origin_allowed(scope):
+            if scope["type"] == "websocket":
+                if await receive() == {"type": "websocket.connect"}:
+                    await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+            else:
+                await self._respond(send, 403, json.dumps({"code": 4, "message": "Origin not allowed"}))
+            return
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send, query)
         else:
@@ -288,7 +299,8 @@ class EngineServer:
         origin = _header(scope, b"origin")
         if origin is None:
             return []
-        # Reached only for an origin `admit` accepted: credentials (the session cookie) allowed.
+        # Reached only for an origin `origin_allowed` accepted: credentials (the session cookie)
+        # allowed.
         return [
             (b"access-control-allow-origin", origin.encode("latin-1")),
             (b"access-control-allow-credentials", b"true"),

@@ -45,13 +45,13 @@ class Packet:
 
 def decode(text: str) -> Packet:
     """One packet's text (binary attachments still as placeholders). Raises PacketError."""
-    if not text or not text[0].isdigit() or int(text[0]) > BINARY_ACK:
+    if not text or text[0] not in "0123456":
         raise PacketError("unknown packet type")
     packet = Packet(int(text[0]))
     i = 1
     if packet.type in (BINARY_EVENT, BINARY_ACK):
         dash = text.find("-", i)
-        if dash < 0 or not text[i:dash].isdigit():
+        if dash < 0 or not _ascii_digits(text[i:dash]) or dash - i > 3:
             raise PacketError("bad attachment count")
         packet.attachments = int(text[i:dash])
         if packet.attachments > MAX_ATTACHMENTS:
@@ -63,7 +63,7 @@ def decode(text: str) -> Packet:
         packet.namespace = text[i:end]
         i = end + 1 if comma >= 0 else end
     start = i
-    while i < len(text) and text[i].isdigit():
+    while i < len(text) and text[i] in ASCII_DIGITS:
         i += 1
     if i > start:
         if i - start > 15:
@@ -76,6 +76,13 @@ def decode(text: str) -> Packet:
             raise PacketError("payload is not JSON") from None
     _check(packet)
     return packet
+
+
+ASCII_DIGITS = frozenset("0123456789")  # str.isdigit() is true for "²" and "٣" too
+
+
+def _ascii_digits(text: str) -> bool:
+    return text != "" and all(c in ASCII_DIGITS for c in text)
 
 
 def _check(packet: Packet) -> None:
