@@ -91,3 +91,23 @@ async def test_only_the_allowed_origin_may_use_a_session_not_just_open_one(stack
         await client.post(f"{base}&sid={sid}", content="40", headers=own)
         polled = await client.get(f"{base}&sid={sid}", headers=own)
         assert polled.status_code == 200 and polled.text.startswith("40{")
+
+
+async def test_an_upgrade_that_never_completes_is_given_up_and_polling_goes_on(stack: Stack):
+    """A WebSocket opened for a polling session's upgrade that never sends `2probe` kept the
+    session upgrading for ever: no pings (they pause during an upgrade), so the session and
+    its WebSocket outlived any client. The upgrade now has a deadline (engine.io's
+    upgradeTimeout; here the ping timeout, 1 s): its WebSocket is closed and the session
+    goes on polling, pinged again."""
+    gateway = await stack.add_gateway(socketio_ping_interval_seconds=1.0, socketio_ping_timeout_seconds=1.0)
+    base = f"http://127.0.0.1:{gateway.port}/socket.io/?EIO=4&transport=polling"
+    async with httpx.AsyncClient() as client:
+        sid = await _handshake(client, base)
+        url = f"ws://127.0.0.1:{gateway.port}/socket.io/?EIO=4&transport=websocket&sid={sid}"
+        async with websockets.connect(url, proxy=None) as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+        polled = await client.get(f"{base}&sid={sid}")
+        assert (polled.status_code, polled.text) == (200, "2")  # pinged over polling again
+        await asyncio.sleep(3)  # and, not answering the ping, the session ends
+        assert sid not in gateway.gateway.engine.sessions

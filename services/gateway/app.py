@@ -183,6 +183,7 @@ class Gateway:
                 ping_timeout=settings.socketio_ping_timeout_seconds,
                 max_payload=settings.max_frame_bytes,
                 max_buffered=settings.outbox_frames * 4,
+                upgrade_timeout=min(10.0, settings.socketio_ping_timeout_seconds),
                 affinity_cookie=(settings.socketio_affinity_cookie, settings.gateway_id)
                 if settings.socketio_affinity_cookie
                 else None,

@@ -48,6 +48,9 @@ class EngineConfig:
     ping_timeout: float = 20.0
     max_payload: int = 1_000_000  # bytes of one polling POST, or of one WebSocket frame
     max_buffered: int = 256  # outgoing packets a session may have queued before it is closed
+    # An upgrade's WebSocket must reach `5` within this, or it is closed and polling goes on
+    # (engine.io's upgradeTimeout): pings pause during an upgrade.
+    upgrade_timeout: float = 10.0
     cors_any_origin: bool = False  # `Access-Control-Allow-Origin: *` (the conformance suites)
     # (cookie name, value) set on the polling handshake, for a proxy's affinity (see nginx.conf)
     affinity_cookie: tuple[str, str] | None = None
@@ -488,28 +491,37 @@ class EngineServer:
     async def _upgrade(self, session: EngineSession, receive: Any, send: Any) -> bool:
         session.upgrading = True
         try:
-            while True:
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    return False
-                text = message.get("text")
-                if text == PING + "probe":
-                    await send({"type": "websocket.send", "text": PONG + "probe"})
-                    session.probed = True
-                    # A waiting poll ends with a noop after a moment (engine.io's 100 ms check),
-                    # so the client stops polling; if the upgrade completes first (the poll
-                    # raced the frames in), it ends with 400 instead.
-                    asyncio.get_running_loop().call_later(PROBE_NOOP_DELAY, session._end_waiting_poll)
-                elif text == UPGRADE:
-                    break
-                else:
-                    raise ProtocolError("unexpected packet during upgrade")
+            async with asyncio.timeout(self.config.upgrade_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "websocket.disconnect":
+                        return False
+                    text = message.get("text")
+                    if text == PING + "probe":
+                        await send({"type": "websocket.send", "text": PONG + "probe"})
+                        session.probed = True
+                        # A waiting poll ends with a noop after a moment (engine.io's 100 ms
+                        # check), so the client stops polling; if the upgrade completes first
+                        # (the poll raced the frames in), it ends with 400 instead.
+                        asyncio.get_running_loop().call_later(PROBE_NOOP_DELAY, session._end_waiting_poll)
+                    elif text == UPGRADE:
+                        break
+                    else:
+                        raise ProtocolError("unexpected packet during upgrade")
         except ProtocolError as exc:
             session.close(f"bad upgrade ({exc})")
             await _close_websocket(send)
             return False
+        except TimeoutError:
+            log.debug(
+                "engine.io: upgrade not completed in %.1fs; polling goes on", self.config.upgrade_timeout
+            )
+            await _close_websocket(send)
+            return False
         finally:
             session.upgrading = session.probed = False
+            # Pings paused during the upgrade: one missed is due now, not a catch-up of several.
+            session.next_ping = max(session.next_ping, time.monotonic())
         if session.closed:
             await _close_websocket(send)
             return False
