@@ -1,0 +1,154 @@
+"""Compose's nginx (`deploy/compose/nginx.conf`), run for real in front of two gateways.
+
+Socket.IO's long-polling needs every request of an Engine.IO session on the gateway process
+that holds it; the config routes the Socket.IO paths on the cookie the gateways set on the
+polling handshake (`SOCKETIO_AFFINITY_COOKIE`), and spreads the raw WebSocket path freely. The
+config file is the one compose uses, with only its addresses replaced by this test's.
+
+Needs nginx (Debian's `nginx-light`; `.ci/run` installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.localservers import free_port
+from tests.support.data import add_application
+from tests.support.stack import Stack
+from tests.support.tabs import Tab
+
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")  # not on a user's PATH
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian's nginx-light)"),
+]
+
+NGINX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "compose" / "nginx.conf"
+SESSIONS = [f"proxiedSession{i:04d}" for i in range(12)]
+
+
+@pytest.fixture
+async def gateways(stack: Stack) -> AsyncIterator[dict[str, int]]:
+    """Two more gateways named as compose names them, each setting the affinity cookie."""
+    ports = {}
+    for name in ("gateway-1", "gateway-2"):
+        running = await stack.add_gateway(gateway_id=name, socketio_affinity_cookie="portico_gateway")
+        ports[name] = running.port
+    yield ports
+
+
+@pytest.fixture
+async def nginx(gateways: dict[str, int], tmp_path: Path) -> AsyncIterator[str]:
+    conf = NGINX_CONF.read_text()
+    for name, port in gateways.items():
+        conf = conf.replace(f"{name}:8080", f"127.0.0.1:{port}")
+    conf = conf.replace("demo:8000", f"127.0.0.1:{free_port()}")  # the demo page is not needed here
+    port = free_port()
+    conf, replaced = re.subn(r"listen 8000;", f"listen 127.0.0.1:{port};", conf)
+    assert replaced == 1, "the compose config no longer listens on 8000: update this test"
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "nginx.conf").write_text(conf)
+    assert NGINX is not None
+    command = [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"]
+    errors = tmp_path / "logs" / "stderr.log"
+    with errors.open("wb") as stderr:
+        process = subprocess.Popen(
+            [*command, "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"], stderr=stderr
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+
+            async def up() -> bool:
+                try:
+                    await client.get(url + "/wss/client.js")
+                    return True
+                except httpx.TransportError:
+                    return process.poll() is not None
+
+            for _ in range(100):
+                if await up():
+                    break
+                await asyncio.sleep(0.05)
+        if process.poll() is not None:
+            pytest.fail(f"nginx did not start: {errors.read_text()}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def _poll_until(client: httpx.AsyncClient, url: str, wanted: str) -> str:
+    """Poll (Engine.IO long-polling GETs) until a payload holds `wanted`; returns it all."""
+    seen = ""
+    for _ in range(20):
+        response = await client.get(url, timeout=10)
+        assert response.status_code == 200, (response.status_code, response.text)
+        seen += response.text + "\x1e"
+        if wanted in seen:
+            return seen
+    raise AssertionError(f"{wanted!r} never came: {seen[:300]!r}")
+
+
+async def _polling_tab(base: str, session: str) -> str:
+    """One Socket.IO tab on long-polling only, as a browser does it (a cookie jar), through
+    the proxy: handshake, CONNECT, then its join-time cart. Returns the gateway it landed on."""
+    async with httpx.AsyncClient(cookies={"bookingfrontendsession": session}) as client:
+        query = "/wss/socket.io/?EIO=4&transport=polling"
+        opened = await client.get(base + query)
+        assert opened.status_code == 200, opened.text
+        sid = json.loads(opened.text[1:])["sid"]
+        gateway = client.cookies["portico_gateway"]
+        url = f"{base}{query}&sid={sid}"
+        for _ in range(3):  # several requests: each must reach the gateway holding the session
+            posted = await client.post(url, content="40")
+            assert posted.status_code == 200, (posted.status_code, posted.text)
+            await _poll_until(client, url, "partial_applications_response")
+            await client.post(url, content='42["message",{"type":"ping","id":"p1"}]')
+            await _poll_until(client, url, '"pong"')
+            await client.post(url, content="41")
+        return gateway
+
+
+async def test_polling_tabs_keep_to_their_gateway_through_compose_nginx(stack: Stack, db, nginx: str):
+    for session in SESSIONS:
+        await add_application(db, session)
+    landed = await asyncio.gather(*(_polling_tab(nginx, session) for session in SESSIONS))
+    # nginx spread the handshakes over both gateways; every later request followed its cookie
+    assert set(landed) == {"gateway-1", "gateway-2"}
+
+
+async def test_without_the_cookie_polling_breaks_so_the_affinity_is_what_holds_it(stack: Stack, nginx: str):
+    """The control: the same requests from a client that drops cookies land on either gateway,
+    and some get 400 "Session ID unknown". (If this ever passes every time, the test above
+    proves nothing.)"""
+    unknown = 0
+    for _ in range(12):
+        async with httpx.AsyncClient() as client:
+            query = "/wss/socket.io/?EIO=4&transport=polling"
+            sid = json.loads((await client.get(nginx + query)).text[1:])["sid"]
+            client.cookies.clear()
+            for _ in range(4):
+                response = await client.post(f"{nginx}{query}&sid={sid}", content="6")
+                unknown += response.status_code == 400
+    assert unknown > 0
+
+
+async def test_raw_websocket_tabs_need_no_affinity(stack: Stack, db, nginx: str):
+    await add_application(db, SESSIONS[0])
+    tabs = [await Tab.open(nginx.replace("http", "ws") + "/wss", session=SESSIONS[0]) for _ in range(4)]
+    try:
+        for tab in tabs:
+            await tab.wait_for("partial_applications_response")
+    finally:
+        for tab in tabs:
+            await tab.close()
