@@ -152,3 +152,37 @@ async def test_raw_websocket_tabs_need_no_affinity(stack: Stack, db, nginx: str)
     finally:
         for tab in tabs:
             await tab.close()
+
+
+async def test_a_socketio_tab_whose_gateway_drains_reconnects_to_the_other_one(
+    stack: Stack, db, gateways: dict[str, int], nginx: str
+):
+    """The affinity cookie outlives its gateway: a browser keeps sending `portico_gateway=
+    gateway-1`, and nginx routed every reconnection to gateway-1, which refuses handshakes while
+    it drains (503) and is gone after (502), so Socket.IO tabs could not reconnect until it was
+    back. A refused or failed handshake now goes to the other gateway, whose cookie then holds."""
+    await add_application(db, SESSIONS[0])
+    async with httpx.AsyncClient(cookies={"bookingfrontendsession": SESSIONS[0]}) as client:
+        query = "/wss/socket.io/?EIO=4&transport=polling"
+        first = await client.get(nginx + query)
+        landed = client.cookies["portico_gateway"]
+        url = f"{nginx}{query}&sid={json.loads(first.text[1:])['sid']}"
+        assert (await client.post(url, content="40")).status_code == 200
+        await _poll_until(client, url, "partial_applications_response")
+        draining = next(g for g in stack.gateways if g.gateway.id == landed)
+        await draining.gateway.drain()  # the tab is closed; it connects again at once
+        again = await client.get(nginx + query)
+        assert again.status_code == 200, again.text
+        other = client.cookies["portico_gateway"]
+        assert other != landed
+        url = f"{nginx}{query}&sid={json.loads(again.text[1:])['sid']}"
+        assert (await client.post(url, content="40")).status_code == 200
+        await _poll_until(client, url, "partial_applications_response")
+        await draining.stop()
+        stack.gateways.remove(draining)
+    # A tab that still has the old cookie, its gateway gone (connections to it are refused).
+    async with httpx.AsyncClient() as client:
+        cookie = f"bookingfrontendsession={SESSIONS[0]}; portico_gateway={landed}"
+        third = await client.get(nginx + query, headers={"cookie": cookie})
+        assert third.status_code == 200, third.text
+        assert f"portico_gateway={other}" in third.headers["set-cookie"]
