@@ -186,3 +186,25 @@ async def test_a_socketio_tab_whose_gateway_drains_reconnects_to_the_other_one(
         third = await client.get(nginx + query, headers={"cookie": cookie})
         assert third.status_code == 200, third.text
         assert f"portico_gateway={other}" in third.headers["set-cookie"]
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed (Debian's nodejs and npm)")
+async def test_the_official_client_follows_a_drain_to_the_other_gateway(stack: Stack, db, nginx: str):
+    """Drain for Socket.IO tabs, end to end: the real socket.io-client behind compose's nginx.
+    The draining gateway closes the Engine.IO session without a Socket.IO DISCONNECT, so the
+    client reconnects by itself; nginx sends it to the other gateway; it gets its cart there."""
+    from tests.support.sio_tabs import SioTab
+
+    await add_application(db, SESSIONS[1])
+    tab = await SioTab.open(nginx, session=SESSIONS[1], transports="websocket")
+    try:
+        await tab.wait_for("partial_applications_response")
+        held = [g for g in stack.gateways if g.gateway.hub.sessions]
+        assert len(held) == 1
+        await held[0].gateway.drain()
+        await tab.wait_event("connect", 2)
+        await tab.wait_for("partial_applications_response", 2)
+        now = [g for g in stack.gateways if g.gateway.hub.sessions]
+        assert len(now) == 1 and now[0] is not held[0]
+    finally:
+        await tab.close()
