@@ -111,3 +111,43 @@ async def test_an_upgrade_that_never_completes_is_given_up_and_polling_goes_on(s
         assert (polled.status_code, polled.text) == (200, "2")  # pinged over polling again
         await asyncio.sleep(3)  # and, not answering the ping, the session ends
         assert sid not in gateway.gateway.engine.sessions
+
+
+async def test_a_binary_message_event_is_refused_like_any_foreign_input(stack: Stack, caplog):
+    """`451-["message",{"file":{"_placeholder":true,"num":0}}]` and its attachment: the event's
+    object then holds bytes, which JSON cannot carry. It raised a TypeError inside the gateway
+    (over polling a 500 and an ERROR log). Now the tab is told, as for any message it may not
+    send, and the session goes on."""
+    import logging
+
+    port = stack.gateways[0].port
+    base = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=polling"
+    binary_event = '51-["message",{"type":"ping","file":{"_placeholder":true,"num":0}}]'
+    async with httpx.AsyncClient() as client:
+        sid = await _handshake(client, base)
+        url = f"{base}&sid={sid}"
+        assert (await client.post(url, content="40")).status_code == 200
+        assert (await client.get(url)).text.startswith("40")
+        # polling: the attachment as a base64 binary packet in the same payload
+        posted = await client.post(url, content="4" + binary_event + "\x1ebAQID")
+        assert posted.status_code == 200, posted.text
+        await client.post(url, content='42["message",{"type":"ping","id":"after"}]')
+        seen = ""
+        for _ in range(5):
+            seen += (await client.get(url)).text
+            if '"reply_to":"after"' in seen:
+                break
+        assert '"error"' in seen and '"reply_to":"after"' in seen, seen
+    url = f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+    async with websockets.connect(url, proxy=None) as ws:
+        await ws.recv()
+        await ws.send("40")
+        await ws.recv()
+        await ws.send("4" + binary_event)
+        await ws.send(b"\x01\x02\x03")
+        await ws.send('42["message",{"type":"ping","id":"after"}]')
+        texts = []
+        while not any('"reply_to":"after"' in t for t in texts):
+            texts.append(str(await asyncio.wait_for(ws.recv(), 5)))
+        assert any('"error"' in t for t in texts), texts
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

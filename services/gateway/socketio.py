@@ -224,6 +224,9 @@ class SocketIOServer:
         except PacketError as exc:
             log.debug("socket.io: closing a session (%s)", exc)
             session.close(f"bad packet ({exc})")
+        except Exception:  # a bug in a handler: this session ends, nobody else notices
+            log.exception("socket.io: unexpected error handling a packet; closing its session")
+            session.close("internal error")
 
     def _attachment(self, session: EngineSession, state: _Connection, data: bytes) -> None:
         if state.partial is None:

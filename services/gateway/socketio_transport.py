@@ -103,7 +103,11 @@ class PorticoNamespace:
         if client is None:
             return
         if name == EVENT and len(args) >= 1 and isinstance(args[0], dict):
-            text = dumps(args[0])
+            try:
+                text = dumps(args[0])
+            except TypeError:  # a binary event: its attachments (bytes) have no JSON form
+                self.gateway.feed(client, lambda: client.protocol.on_foreign("socket.io binary message"))
+                return
             self.gateway.feed(client, lambda: client.protocol.on_text(text))
         else:
             self.gateway.feed(client, lambda: client.protocol.on_foreign(f"socket.io event {name[:40]!r}"))
