@@ -151,3 +151,46 @@ async def test_a_binary_message_event_is_refused_like_any_foreign_input(stack: S
             texts.append(str(await asyncio.wait_for(ws.recv(), 5)))
         assert any('"error"' in t for t in texts), texts
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_polling_tab_that_falls_behind_gets_the_newest_cart_and_stays(stack: Stack, db, redis_url):
+    """A raw tab that reads slowly keeps one queued cart, the newest (the outbox replaces a
+    queued cart). A Socket.IO tab did not: the gateway's writer handed every cart straight to
+    the Engine.IO queue, so a polling tab that fell behind (a phone on a slow network) got
+    every intermediate cart and was closed once 4 x OUTBOX_FRAMES packets piled up. Now the
+    Engine.IO queue pushes back and the carts wait in the outbox, where the newest wins."""
+    from tests.support.data import add_application
+    from tests.support.stack import trigger
+    from tests.support.tabs import Tab
+
+    session = "slowPollingSession01"
+    gateway = await stack.add_gateway(outbox_frames=4)  # the Engine.IO queue's bound: 16 packets
+    await add_application(db, session)
+    reader = await Tab.open(gateway.url, session=session)  # keeps up: paces the pushes
+    base = f"http://127.0.0.1:{gateway.port}/socket.io/?EIO=4&transport=polling"
+    try:
+        await reader.wait_for("partial_applications_response")
+        async with httpx.AsyncClient(cookies={"bookingfrontendsession": session}) as client:
+            sid = await _handshake(client, base)
+            url = f"{base}&sid={sid}"
+            await client.post(url, content="40")
+            seen = ""
+            while "partial_applications_response" not in seen:
+                seen += (await client.get(url)).text
+            pushes = 30
+            for i in range(pushes):  # the polling tab does not poll meanwhile
+                if i == pushes - 1:
+                    await add_application(db, session)  # the last cart is the one with 2
+                await trigger(redis_url, session)
+                await reader.wait_pushes(i + 1)
+            assert sid in gateway.gateway.engine.sessions, "closed as a slow consumer"
+            carts = []
+            while not carts or carts[-1]["count"] != 2:
+                response = await client.get(url)
+                assert response.status_code == 200, response.text
+                for packet in response.text.split("\x1e"):
+                    if packet.startswith('42["message",{"type":"partial_applications_response"'):
+                        carts.append(json.loads(packet[2:])[1]["data"])
+            assert len(carts) < pushes  # the newest replaced the ones it overtook
+    finally:
+        await reader.close()

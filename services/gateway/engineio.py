@@ -15,7 +15,9 @@ Every malformed input closes only its own session.
   poll with `6` 100 ms later, and takes over at `5`; from then on polling requests for the sid
   (a poll still waiting included) get 400 and a second WebSocket for it is closed.
 * Outgoing packets are queued per session and bounded (`max_buffered`): a polling client that
-  stops polling is closed, not buffered for without end.
+  stops polling is closed, not buffered for without end. A producer that can wait does so
+  once half the bound is queued (`crowded`, `drained`): the gateway's carts then wait in its
+  outbox, where a newer cart replaces a queued one.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class EngineSession:
     """One Engine.IO client, on whichever transport it uses now."""
 
     __slots__ = (
+        "_drained",
         "_flusher",
         "_outgoing",
         "_poll_waiter",
@@ -117,6 +120,7 @@ class EngineSession:
         self._outgoing: deque[str | bytes] = deque()
         self._poll_waiter: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._drained: asyncio.Future[None] | None = None  # a producer waiting (`drained`)
         self.next_ping = time.monotonic() + server.config.ping_interval
         self.pong_deadline: float | None = None
 
@@ -140,6 +144,23 @@ class EngineSession:
         elif self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
+    def crowded(self) -> bool:
+        """Half the outgoing bound is queued: a producer that can wait should (`drained`)."""
+        return len(self._outgoing) * 2 >= self._server.config.max_buffered
+
+    async def drained(self) -> None:
+        """Return once everything queued has been taken (by a poll, or written to the
+        WebSocket), or the session has closed."""
+        while self._outgoing and not self.closed:
+            if self._drained is None or self._drained.done():
+                self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def _wake_drained(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
     async def _flush(self) -> None:
         try:
             while self._outgoing and self.ws is not None:
@@ -152,6 +173,8 @@ class EngineSession:
             self.close(f"write failed ({exc.__class__.__name__})")
         finally:
             self._flusher = None
+            if not self._outgoing:
+                self._wake_drained()
 
     def close(self, reason: str) -> None:
         """End the session (idempotent): a waiting poll gets `1`, a WebSocket is closed."""
@@ -159,6 +182,7 @@ class EngineSession:
             return
         self.closed = True
         self._server.forget(self)
+        self._wake_drained()
         if self._poll_waiter is not None and not self._poll_waiter.done():
             self._outgoing.clear()
             # The client asked to close: its waiting poll just ends. Otherwise it is told.
@@ -207,6 +231,7 @@ class EngineSession:
         while self._outgoing:
             packet = self._outgoing.popleft()
             packets.append(packet if isinstance(packet, str) else "b" + base64.b64encode(packet).decode())
+        self._wake_drained()
         return SEPARATOR.join(packets)
 
 

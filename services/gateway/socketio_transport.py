@@ -16,6 +16,10 @@ What differs from a raw socket, for that client's sake:
   last pushed for its session gets no second copy of it;
 * closing (drain, slow consumer, rate limit) ends the Engine.IO session without a Socket.IO
   DISCONNECT, so socket.io-client reconnects by itself, as a raw tab would.
+
+A tab that falls behind is handled as a raw one is: once the Engine.IO queue is half full the
+link makes the gateway's writer wait, so newer frames queue in the gateway's outbox (a newer
+cart replacing a queued one) and a full outbox drops the tab as a slow consumer.
 """
 
 from __future__ import annotations
@@ -49,15 +53,22 @@ class SocketIOLink:
         self.scope = socket.session.scope
 
     async def send_text(self, text: str) -> None:
-        if self.socket.session.closed:
-            raise ConnectionError("socket.io session closed")
-        self.socket.send_event_json(EVENT, text)
+        await self._send(text, None)
 
     async def send_cart(self, text: str, seq: int) -> None:
         """A cart push, with its seq as the connection-state-recovery offset."""
-        if self.socket.session.closed:
+        await self._send(text, str(seq))
+
+    async def _send(self, text: str, offset: str | None) -> None:
+        session = self.socket.session
+        if session.closed:
             raise ConnectionError("socket.io session closed")
-        self.socket.send_event_json(EVENT, text, str(seq))
+        self.socket.send_event_json(EVENT, text, offset)
+        if session.crowded():
+            # The tab is behind (a poll not yet back, a slow WebSocket): the gateway's writer
+            # waits, so what follows queues in its outbox, where a newer cart replaces a queued
+            # one and a full outbox is a slow consumer, as for a raw socket.
+            await session.drained()
 
     async def close(self, code: int, reason: str) -> None:
         self.socket.session.close(f"closed by the gateway ({code} {reason})")
