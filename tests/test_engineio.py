@@ -194,3 +194,17 @@ async def test_a_polling_tab_that_falls_behind_gets_the_newest_cart_and_stays(st
             assert len(carts) < pushes  # the newest replaced the ones it overtook
     finally:
         await reader.close()
+
+
+async def test_a_recovery_offset_that_is_not_ascii_digits_is_ignored(stack: Stack):
+    """socket.io-client sends back the offset it last saw in the CONNECT's auth; ours are
+    seqs. `"²".isdigit()` is true and `int("²")` raises: such an offset closed the session
+    (an internal error) instead of being ignored."""
+    url = f"ws://127.0.0.1:{stack.gateways[0].port}/socket.io/?EIO=4&transport=websocket"
+    for offset in ("\u00b2", "\u0663", "12x", "9" * 40):
+        async with websockets.connect(url, proxy=None) as ws:
+            await ws.recv()
+            await ws.send("40" + json.dumps({"offset": offset}))
+            assert str(await asyncio.wait_for(ws.recv(), 5)).startswith("40{")  # connected
+            reply = str(await asyncio.wait_for(ws.recv(), 5))
+            assert "connection_success" in reply or "session" in reply, reply

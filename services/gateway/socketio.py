@@ -51,7 +51,7 @@ def decode(text: str) -> Packet:
     i = 1
     if packet.type in (BINARY_EVENT, BINARY_ACK):
         dash = text.find("-", i)
-        if dash < 0 or not _ascii_digits(text[i:dash]) or dash - i > 3:
+        if dash < 0 or not is_ascii_digits(text[i:dash]) or dash - i > 3:
             raise PacketError("bad attachment count")
         packet.attachments = int(text[i:dash])
         if packet.attachments > MAX_ATTACHMENTS:
@@ -78,10 +78,11 @@ def decode(text: str) -> Packet:
     return packet
 
 
-ASCII_DIGITS = frozenset("0123456789")  # str.isdigit() is true for "²" and "٣" too
+ASCII_DIGITS = frozenset("0123456789")
 
 
-def _ascii_digits(text: str) -> bool:
+def is_ascii_digits(text: str) -> bool:
+    """Digits as the protocol means them: `str.isdigit()` is true for "²" and "٣" too."""
     return text != "" and all(c in ASCII_DIGITS for c in text)
 
 

@@ -33,7 +33,7 @@ from shared.protocol import mask_session_id
 
 from .connection import Send
 from .engineio import OUTGOING_FULL
-from .socketio import Socket
+from .socketio import Socket, is_ascii_digits
 
 if TYPE_CHECKING:
     from .app import Client, Gateway
@@ -89,7 +89,9 @@ class PorticoNamespace:
         client = self.gateway.open_client(SocketIOLink(socket), "socketio")
         socket.data = client
         cookie = _cookie(socket)
-        known_seq = int(offset) if isinstance(offset, str) and offset.isdigit() and len(offset) < 20 else 0
+        known_seq = (
+            int(offset) if isinstance(offset, str) and len(offset) < 20 and is_ascii_digits(offset) else 0
+        )
         self.gateway.feed(client, lambda: self._opened(client, cookie, known_seq))
 
     def _opened(self, client: Client, cookie: str | None, known_seq: int) -> list[Any]:
