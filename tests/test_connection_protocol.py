@@ -234,7 +234,19 @@ def test_user_info_joins_the_user_room():
     leave, join = proto.on_text('{"type":"update_user_info","userId":18,"userType":"admin"}')
     assert leave == LeaveRoom("user_bookinguser_17") and join.room_id == "user_admin_18"
     assert proto.rooms == {"user_admin_18"}
-    for bad in ['"x"', "true", "1.5", "null", '"1e3"', "0", "-5", '"-5"', str(2**63), "9" * 4200]:
+    for bad in [
+        '"x"',
+        "true",
+        "1.5",
+        "null",
+        '"1e3"',
+        "0",
+        "-5",
+        '"-5"',
+        str(2**63),
+        "9" * 4200,
+        '"\u0661\u0662"',
+    ]:
         [error] = sent(proto.on_text(f'{{"type":"update_user_info","userId":{bad}}}'))
         assert error["code"] in ("INVALID_MESSAGE", "INVALID_JSON"), bad
     assert proto.rooms == {"user_admin_18"}

@@ -28,7 +28,7 @@ from shared.protocol import (
     user_room_id,
 )
 
-_INT_LIKE = re.compile(r"\d{1,18}")
+_INT_LIKE = re.compile(r"[0-9]{1,18}")  # not \d: it matches "١٢" and other scripts' digits
 MAX_USER_ID: Final = 2**63 - 1  # a PostgreSQL bigint: user ids beyond it are not ids, and become room names
 NO_SESSION_MESSAGE: Final = "No session found"
 DEFAULT_USER_TYPE: Final = "bookinguser"  # user room of update_user_info without userType
