@@ -217,6 +217,15 @@ def test_compose_file_validates_and_is_consistent():
         n for n in services if n.startswith("gateway-")
     }
     assert "proxy_read_timeout" in nginx and "Upgrade" in nginx
+    # Socket.IO affinity: nginx maps the cookie each gateway names itself in to that gateway.
+    cookie = re.search(r"map \$cookie_(\w+) \$socketio_upstream", nginx)
+    assert cookie, "nginx routes the Socket.IO paths on a gateway's cookie"
+    mapped = dict(re.findall(r"^\s+(gateway-\d+)\s+(gateway_\d+);", nginx, re.M))
+    for name, service in services.items():
+        if name.startswith("gateway-"):
+            env = service["environment"]
+            assert env["SOCKETIO_AFFINITY_COOKIE"] == cookie.group(1), name
+            assert env["GATEWAY_ID"] in mapped, f"{name}'s id is not in nginx's affinity map"
     docker_compose = shutil.which("docker-compose")
     if docker_compose is None:
         pytest.skip("docker-compose is not installed (.ci/run installs it)")
