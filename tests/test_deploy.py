@@ -246,3 +246,23 @@ def test_dockerfile_is_multi_stage_pinned_non_root_exec_form_with_a_real_healthc
     entrypoint = re.search(r"^ENTRYPOINT (.+)$", text, re.M)
     assert entrypoint and json.loads(entrypoint.group(1)) == [f"portico-{service}"], "exec form"
     assert re.search(r"HEALTHCHECK .*\n?.*CMD \[.*/healthz", text), "the health check calls /healthz"
+
+
+def test_only_the_socketio_paths_have_cookie_affinity_in_kubernetes():
+    """Polling needs affinity; the raw path must stay free of it (any pod takes any tab). The
+    ingress sets the cookie itself, so the pods must not set one of their own
+    (SOCKETIO_AFFINITY_COOKIE, compose's mechanism), and a refused handshake moves the cookie."""
+    base = K8S / "base"
+    socketio = yaml.safe_load((base / "gateway-ingress-socketio.yaml").read_text())
+    raw = yaml.safe_load((base / "gateway-ingress.yaml").read_text())
+    notes = socketio["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/affinity"] == "cookie"
+    assert notes["nginx.ingress.kubernetes.io/session-cookie-change-on-failure"] == "true"
+    assert "http_503" in notes["nginx.ingress.kubernetes.io/proxy-next-upstream"]
+    paths = {p["path"] for rule in socketio["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert paths == {"/wss/socket.io", "/socket.io"}
+    assert not any("affinity" in key for key in raw["metadata"].get("annotations", {}))
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    assert "gateway-ingress-socketio.yaml" in kustomization["resources"]
+    pod_config = (base / "config.env").read_text() + (base / "gateway-deployment.yaml").read_text()
+    assert "SOCKETIO_AFFINITY_COOKIE" not in pod_config
