@@ -34,6 +34,7 @@ def _with_labels(metric: _Metric, *values: str) -> _Metric:
 
 # The known label values, in one place (a new value used in code should be added here).
 HANDSHAKE_REJECTIONS = ("origin", "draining", "capacity")
+ENGINEIO_TRANSPORTS = ("polling", "websocket")
 SLOW_CONSUMER_ACTIONS = ("cart_replaced", "closed")
 CLIENT_ERROR_CODES = (
     "NO_SESSION",
@@ -80,6 +81,15 @@ class GatewayMetrics:
                 registry=r,
             ),
             *TRANSPORTS,
+        )
+        self.engineio_sessions = _with_labels(
+            Gauge(
+                f"{ns}_engineio_sessions",
+                "Engine.IO sessions (Socket.IO tabs, connected or not yet) by Engine.IO transport",
+                ["transport"],
+                registry=r,
+            ),
+            *ENGINEIO_TRANSPORTS,
         )
         self.sessions_held = Gauge(f"{ns}_sessions_held", "Sessions with a socket here", registry=r)
         self.handshakes_rejected = _with_labels(

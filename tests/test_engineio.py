@@ -208,3 +208,37 @@ async def test_a_recovery_offset_that_is_not_ascii_digits_is_ignored(stack: Stac
             assert str(await asyncio.wait_for(ws.recv(), 5)).startswith("40{")  # connected
             reply = str(await asyncio.wait_for(ws.recv(), 5))
             assert "connection_success" in reply or "session" in reply, reply
+
+
+async def test_engineio_sessions_are_counted_by_their_transport(stack: Stack):
+    """`portico_gateway_engineio_sessions{transport}` counts Engine.IO sessions, connected to
+    Socket.IO or not yet (those count against MAX_CONNECTIONS too), by polling or WebSocket;
+    `connections_by_transport{transport="socketio"}` counts the connected ones."""
+    from tests.support.metrics import metric_value
+
+    gateway = await stack.add_gateway()
+    metrics = gateway.gateway.metrics
+
+    def counts() -> tuple[float, float, float]:
+        return (
+            metric_value(metrics.engineio_sessions, "", transport="polling"),
+            metric_value(metrics.engineio_sessions, "", transport="websocket"),
+            metric_value(metrics.connections_by_transport, "", transport="socketio"),
+        )
+
+    base = f"http://127.0.0.1:{gateway.port}/socket.io/?EIO=4&transport=polling"
+    async with httpx.AsyncClient() as client:
+        sid = await _handshake(client, base)
+        assert counts() == (1, 0, 0)
+        await client.post(f"{base}&sid={sid}", content="40")
+        await client.get(f"{base}&sid={sid}")
+        assert counts() == (1, 0, 1)
+        url = f"ws://127.0.0.1:{gateway.port}/socket.io/?EIO=4&transport=websocket&sid={sid}"
+        async with websockets.connect(url, proxy=None) as ws:
+            await ws.send("2probe")
+            assert await ws.recv() == "3probe"
+            await ws.send("5")
+            await asyncio.sleep(0.2)
+            assert counts() == (0, 1, 1)
+        await asyncio.sleep(0.2)
+        assert counts() == (0, 0, 0)

@@ -41,7 +41,7 @@ from shared.broker import Subscription, create_client
 from shared.gc_tuning import keep_long_lived_frozen
 from shared.health import health_routes
 from shared.keys import Keys
-from shared.metrics import GatewayMetrics
+from shared.metrics import ENGINEIO_TRANSPORTS, GatewayMetrics
 from shared.protocol import CloseCode, room_route
 from shared.registry import RedisOwnershipRegistry
 from shared.settings import GatewaySettings
@@ -198,6 +198,10 @@ class Gateway:
         self._background: set[asyncio.Task[None]] = set()
         self.metrics.redis_last_message_age.set_function(lambda: self.subscription.last_message_age)
         self.metrics.requests_pending.set_function(lambda: len(self.pending))
+        for transport in ENGINEIO_TRANSPORTS:
+            self.metrics.engineio_sessions.labels(transport).set_function(
+                lambda transport=transport: sum(s.transport == transport for s in self.engine.sessions.values())
+            )
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
