@@ -200,7 +200,9 @@ class Gateway:
         self.metrics.requests_pending.set_function(lambda: len(self.pending))
         for transport in ENGINEIO_TRANSPORTS:
             self.metrics.engineio_sessions.labels(transport).set_function(
-                lambda transport=transport: sum(s.transport == transport for s in self.engine.sessions.values())
+                lambda transport=transport: sum(
+                    s.transport == transport for s in self.engine.sessions.values()
+                )
             )
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
