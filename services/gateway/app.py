@@ -24,6 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +201,11 @@ class Gateway:
         self.metrics.requests_pending.set_function(lambda: len(self.pending))
         for transport in ENGINEIO_TRANSPORTS:
             self.metrics.engineio_sessions.labels(transport).set_function(
-                lambda transport=transport: sum(
-                    s.transport == transport for s in self.engine.sessions.values()
-                )
+                partial(self._engine_sessions, transport)
             )
+
+    def _engine_sessions(self, transport: str) -> int:
+        return sum(session.transport == transport for session in self.engine.sessions.values())
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
