@@ -265,26 +265,27 @@ class Gateway:
         return False
 
     def refusal(self, headers: Any, url_scheme: str) -> tuple[int, str] | None:
-        """Why a new connection is refused (HTTP status, message), or None: the Origin, a
-        drain, the connection cap. One rule for both transports' handshakes."""
+        """Why a new raw WebSocket is refused (HTTP status, message), or None: the Origin, a
+        drain, the connection cap."""
         if not self.origin_allowed(headers, url_scheme):
             return 403, "Origin not allowed"
+        return self._load_refusal(len(self.clients))
+
+    def _admit_engine(self, scope: Any) -> tuple[int, str] | None:
+        # The Origin is checked already, on every Engine.IO request (`origin_allowed`).
+        # Engine.IO sessions not yet connected to Socket.IO count too (they live until
+        # SOCKETIO_CONNECT_TIMEOUT_SECONDS): a flood of bare handshakes stays bounded.
+        return self._load_refusal(max(len(self.clients), len(self.engine.sessions)))
+
+    def _load_refusal(self, connections: int) -> tuple[int, str] | None:
+        """A drain or the connection cap: one rule for both transports' handshakes."""
         if self.draining:
             self.metrics.handshakes_rejected.labels("draining").inc()
             return 503, "This server is restarting; try another"
-        if len(self.clients) >= self.settings.max_connections:
+        if connections >= self.settings.max_connections:
             self.metrics.handshakes_rejected.labels("capacity").inc()
             return 503, "This server is full; try again later"
         return None
-
-    def _admit_engine(self, scope: Any) -> tuple[int, str] | None:
-        refused = self.refusal(Headers(scope=scope), scope.get("scheme", "http"))
-        if refused is None and len(self.engine.sessions) >= self.settings.max_connections:
-            # Engine.IO sessions not yet connected to Socket.IO count too (they live until
-            # SOCKETIO_CONNECT_TIMEOUT_SECONDS): a flood of bare handshakes stays bounded.
-            self.metrics.handshakes_rejected.labels("capacity").inc()
-            return 503, "This server is full; try again later"
-        return refused
 
     def open_client(self, link: Any, transport: str) -> Client:
         """Register a new connection (either transport); `open_actions` then greets it."""
