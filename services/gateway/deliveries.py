@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PUSH = "partial_applications_response"
+CART_MESSAGE = "partial_applications_response"  # a push or a reply: the metrics' kind
 
 
 class Deliveries:
@@ -74,7 +74,7 @@ class Deliveries:
             nonlocal shared_frame
             if shared_frame is None:
                 text = render_cart(cart, push=True)
-                shared_frame = Outgoing(text, PUSH, cart=True, received_at=received_at, seq=seq)
+                shared_frame = Outgoing(text, CART_MESSAGE, cart=True, received_at=received_at, seq=seq)
             return shared_frame
 
         if cart["all"]:
@@ -103,7 +103,7 @@ class Deliveries:
                 text = render_cart(
                     cart, push=False, request_id=pending.request_id, has_request_id=pending.has_request_id
                 )
-                gateway.enqueue(client, Outgoing(text, PUSH))
+                gateway.enqueue(client, Outgoing(text, CART_MESSAGE))
 
     def _frame(self, envelope: dict[str, Any]) -> None:
         gateway = self._gateway

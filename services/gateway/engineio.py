@@ -144,6 +144,11 @@ class EngineSession:
         elif self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
+    async def upgrade_settled(self) -> None:
+        """Wait until PROBE_NOOP_DELAY after the upgrade: a poll refused for it is answered then,
+        so that the client has the upgrade's own replies (`3probe`) first."""
+        await asyncio.sleep(max(0.0, self.upgraded_at + PROBE_NOOP_DELAY - time.monotonic()))
+
     def crowded(self) -> bool:
         """Half the outgoing bound is queued: a producer that can wait should (`drained`)."""
         return len(self._outgoing) * 2 >= self._server.config.max_buffered
@@ -404,7 +409,7 @@ class EngineServer:
         if session is not None and not session.polling and not session.closed:
             # Upgraded: polling is over for this sid. Answered after the same moment as a poll
             # during the upgrade, so that the client has the upgrade's own replies first.
-            await asyncio.sleep(max(0.0, session.upgraded_at + PROBE_NOOP_DELAY - time.monotonic()))
+            await session.upgrade_settled()
         if session is None or session.closed or not session.polling:
             await self._error(send, 400, 1, "Session ID unknown", scope)
             return
@@ -450,7 +455,7 @@ class EngineServer:
             if not waiter.done():  # the client went away mid-poll
                 return
             if not session.polling:  # upgraded while this poll waited
-                await asyncio.sleep(max(0.0, session.upgraded_at + PROBE_NOOP_DELAY - time.monotonic()))
+                await session.upgrade_settled()
                 await self._error(send, 400, 1, "Session ID unknown", scope)
                 return
         await self._respond(send, 200, session._take_payload(), self._cors(scope))
