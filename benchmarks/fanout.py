@@ -1,8 +1,8 @@
-"""Cost of turning one cart push into frames for N tabs: encode once vs encode per socket.
+"""Cost of turning one cart push into messages for N tabs: encode once vs encode per tab.
 
 The gateway renders a push once (`render_cart`, splicing the fetcher's JSON text) and hands
-the same string to every socket's outbox. The baseline, measured in the same run, is what a
-naive gateway does: build and `json.dumps` the whole message for each socket.
+the same string to every tab's outbox. The baseline, measured in the same run, is what a
+naive gateway does: build and `json.dumps` the whole message for each tab.
 
     .venv/bin/python -m benchmarks.fanout [--tabs 1000] [--applications 10]
 """
@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.gateway.frames import render_cart
+from benchmarks.arguments import positive
 from services.gateway.outbox import Outbox, Outgoing
+from services.gateway.rendering import render_cart
 from shared.codec import dumps
+from shared.envelopes import Cart
+from shared.protocol import session_hash
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "cart.json"
 
@@ -33,32 +36,29 @@ def best_of(repeats: int, fn: Callable[[], object]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tabs", type=int, default=1000)
-    parser.add_argument("--applications", type=int, default=10)
+    parser.add_argument("--tabs", type=positive(int), default=1000)
+    parser.add_argument("--applications", type=positive(int), default=10)
     args = parser.parse_args()
     golden = json.loads(GOLDEN.read_text())
     applications = [dict(golden[i % len(golden)], id=i) for i in range(args.applications)]
-    cart = {
-        "kind": "cart",
-        "key": "k",
-        "sid": "abcdefgh...",
-        "seq": 1,
-        "fetched_at": "2025-05-12T11:54:20+00:00",
-        "ok": True,
-        "count": len(applications),
-        "applications": dumps(applications),
-        "all": True,
-        "tokens": [],
-    }
+    fetched_at = "2025-05-12T11:54:20+00:00"
+    cart = Cart(
+        session_hash("abcdefghijk"),
+        "abcdefgh...",
+        1,
+        fetched_at,
+        dumps(applications),
+        count=len(applications),
+    )
     outboxes = [Outbox(64) for _ in range(args.tabs)]
 
     def encode_once() -> None:
         text = render_cart(cart, push=True)
-        frame = Outgoing(text, "partial_applications_response", cart=True)
+        outgoing = Outgoing(text, "partial_applications_response", cart=True)
         for box in outboxes:
-            box.put(frame)
+            box.put(outgoing)
 
-    def encode_per_socket() -> None:
+    def encode_per_tab() -> None:
         for box in outboxes:
             message = {
                 "type": "partial_applications_response",
@@ -69,21 +69,21 @@ def main() -> None:
                     "count": len(applications),
                     "sessionId": "abcdefgh...",
                     "source": "server_push",
-                    "timestamp": cart["fetched_at"],
+                    "timestamp": fetched_at,
                     "seq": 1,
                     "diff": None,
                 },
-                "timestamp": cart["fetched_at"],
+                "timestamp": fetched_at,
             }
             box.put(Outgoing(dumps(message), "partial_applications_response", cart=True))
 
     once = best_of(20, encode_once)
-    per_socket = best_of(5, encode_per_socket)
+    per_tab = best_of(5, encode_per_tab)
     size = len(render_cart(cart, push=True).encode())
     print(f"one push of a {args.applications}-application cart ({size} bytes) to {args.tabs} tabs")
-    print(f"  encode once, share the frame : {once * 1000:8.2f} ms")
-    print(f"  encode per socket (baseline) : {per_socket * 1000:8.2f} ms")
-    print(f"  speed-up                     : {per_socket / once:8.1f}x")
+    print(f"  encode once, share the text  : {once * 1000:8.2f} ms")
+    print(f"  encode per tab (baseline)    : {per_tab * 1000:8.2f} ms")
+    print(f"  speed-up                     : {per_tab / once:8.1f}x")
 
 
 if __name__ == "__main__":

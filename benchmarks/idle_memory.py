@@ -23,6 +23,7 @@ import time
 import urllib.request
 from typing import Any
 
+from benchmarks.arguments import positive
 from services.localservers import LocalRedis, free_port
 
 CONFIGS = [
@@ -111,7 +112,7 @@ def measure(impl: str, deflate: bool, connections: int, redis_url: str) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--connections", type=positive(int), default=2000)
     args = parser.parse_args()
     raise_fd_limit()
     redis = None

@@ -43,6 +43,7 @@ from typing import Any
 import asyncpg
 import redis
 
+from benchmarks.arguments import positive
 from services.devstack import ensure_schema
 from services.localservers import LocalPostgres, LocalRedis, free_port
 
@@ -599,12 +600,12 @@ async def capture_frame(url: str, session: str, trigger: Any, client: Any) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rate", type=float, default=200)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--storm", type=int, default=2000)
+    parser.add_argument("--rate", type=positive(float), default=200)
+    parser.add_argument("--seconds", type=positive(float), default=10)
+    parser.add_argument("--storm", type=positive(int), default=2000)
     # Idle windows: a multiple of every periodic loop (lease renewal 2 s, heartbeat 3.3 s,
     # probes 5 s), long enough that one tick more or less is noise per session.
-    parser.add_argument("--idle-seconds", type=float, default=30)
+    parser.add_argument("--idle-seconds", type=positive(float), default=30)
     parser.add_argument(
         "--no-speedups", dest="speedups", action="store_false", help="no uvloop, httptools, hiredis"
     )

@@ -23,9 +23,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from benchmarks.arguments import positive
 from benchmarks.push import cpu_seconds, rss_kib
 from services.localservers import LocalRedis, free_port
-from shared import codec
+from shared.envelopes import Event, encode
 from shared.keys import Keys
 
 FRAME = json.dumps({"type": "notification", "message": "x" * 700, "timestamp": "2026-11-27T12:00:00+00:00"})
@@ -104,7 +105,7 @@ async def measure(transport: str, tabs: int, frames: int, redis_url: str) -> tup
         await asyncio.sleep(3)  # join-time cart requests time out (no fetcher) and are dropped
         kib = (rss_kib(process.pid) - before) / tabs
         client = aioredis.Redis.from_url(redis_url)
-        envelope = codec.pack({"kind": codec.FRAME, "broadcast": True, "frame": FRAME, "received_at": None})
+        envelope = encode(Event(FRAME, broadcast=True))
         cpu = cpu_seconds(process.pid)
         for _ in range(frames):
             await client.publish(Keys(prefix).gateways_channel, envelope)
@@ -124,8 +125,8 @@ async def measure(transport: str, tabs: int, frames: int, redis_url: str) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tabs", type=int, default=1000)
-    parser.add_argument("--frames", type=int, default=20)
+    parser.add_argument("--tabs", type=positive(int), default=1000)
+    parser.add_argument("--frames", type=positive(int), default=20)
     args = parser.parse_args()
     server = None
     redis_url = os.environ.get("REDIS_URL")

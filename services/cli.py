@@ -10,6 +10,7 @@ import sys
 
 from shared.keys import SESSION_MESSAGES_CHANNEL
 from shared.protocol import is_valid_session_id, now_iso
+from shared.settings import server_problem
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -22,15 +23,6 @@ class CommandError(Exception):
 def fail(message: str) -> None:
     print(f"portico-push: {message}", file=sys.stderr)
     raise SystemExit(1)
-
-
-def server_problem(what: str, url: str, exc: BaseException) -> str:
-    """`cannot reach Redis at redis://:***@host/0 (first line of the error)`: one line, no
-    password. Shared by the CLI commands and `portico-push stack`."""
-    from shared.settings import redact_url
-
-    detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    return f"cannot reach {what} at {redact_url(url)} ({detail})"
 
 
 def _unreachable(what: str, url: str, exc: BaseException) -> CommandError:

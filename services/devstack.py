@@ -26,8 +26,8 @@ from pathlib import Path
 
 import asyncpg
 
-from services.cli import server_problem
 from services.localservers import LocalPostgres, LocalRedis, free_port
+from shared.settings import server_problem
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "sql"
 GATEWAY_PORTS = (8080, 8081)

@@ -1,7 +1,7 @@
 """Every Redis key and channel the services use, built from one configurable prefix.
 
 Each name says who writes it, who reads it and how long it lives. Session ids never appear in
-key names: keys use the session key (SHA-256 hex of the id, see `shared.protocol.session_key`).
+key names: keys use the session hash (SHA-256 hex of the id, see `shared.protocol.session_hash`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class Keys:
 
     def route_owners(self, route: str) -> str:
         """ZSET gateway_id -> claim time (ms, Redis clock): the gateways holding a socket of a
-        route. A route is a session key (a session's tabs) or `room:<room id>` (an entity or
+        route. A route is a session hash (a session's tabs) or `room:<room id>` (an entity or
         user room, see `shared.protocol.room_route`). Written by gateways (claim/release),
         read by fetchers and gateways (owners, which prune gateways that are not alive). Key
         TTL 1 day, re-claimed every 6 h while held."""
@@ -28,17 +28,17 @@ class Keys:
             return f"{self.prefix}{route}:owners"
         return f"{self.prefix}session:{route}:owners"
 
-    def session_seq(self, session_key: str) -> str:
+    def session_seq(self, session_hash: str) -> str:
         """STRING last cart `seq` of a session. Written by fetchers only (never below the Redis
         clock in microseconds, so a lost key cannot make seq go backwards). TTL 15 min."""
-        return f"{self.prefix}session:{session_key}:seq"
+        return f"{self.prefix}session:{session_hash}:seq"
 
-    def session_cart(self, session_key: str) -> str:
+    def session_cart(self, session_hash: str) -> str:
         """STRING msgpack snapshot of the session's latest cart, with its `seq`. Written by
         fetchers after a read, only while that seq is still the session's latest; deleted by
         the next trigger. Read by fetchers to answer joins without PostgreSQL (a deploy does not
         re-read unchanged carts). TTL `CART_SNAPSHOT_TTL_SECONDS`."""
-        return f"{self.prefix}session:{session_key}:cart"
+        return f"{self.prefix}session:{session_hash}:cart"
 
     @property
     def gateways_alive(self) -> str:

@@ -65,7 +65,7 @@ TRIGGER_TYPES = (
     "room_messages",
 )
 REQUEST_KINDS = ("get", "join", "refresh")
-DELIVERY_KINDS = ("cart", "frame", "room", "broadcast")
+DELIVERY_KINDS = ("cart", "event", "room", "broadcast")  # session events, room events, broadcasts
 
 
 class GatewayMetrics:

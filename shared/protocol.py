@@ -41,6 +41,30 @@ class ErrorCode:
     ROOM_ACCESS_DENIED = "ROOM_ACCESS_DENIED"
 
 
+# What a tab may send and be served (PROTOCOL.md §3; the gateway's handlers are these, a test
+# keeps them equal). The request types it is answered only with an error are
+# `services/gateway/tab_protocol.UNSERVED_REQUESTS`.
+CLIENT_MESSAGE_TYPES: Final = frozenset(
+    {
+        "ping",
+        "pong",
+        "update_session",
+        "update_user_info",
+        "get_partial_applications",
+        "subscribe",
+        "unsubscribe",
+        "session_message",
+        "room_ping_response",
+        "room_message",
+    }
+)
+# Rate budgets are named by client message type, or by one of these (`services/gateway/budgets.py`).
+BUDGET_ANY: Final = "any"  # every message
+BUDGET_NEW_SESSION: Final = "new_session"  # update_session to an id other than the current one
+BUDGET_NOT_IMPLEMENTED: Final = "not_implemented"  # the unserved request types, together
+BUDGET_NAMES: Final = CLIENT_MESSAGE_TYPES | {BUDGET_ANY, BUDGET_NEW_SESSION, BUDGET_NOT_IMPLEMENTED}
+
+
 def is_valid_session_id(value: object) -> bool:
     """PHP's session id charset: `[A-Za-z0-9,-]`, 1 to 128 characters."""
     return isinstance(value, str) and _SESSION_ID.fullmatch(value) is not None
@@ -51,7 +75,7 @@ def mask_session_id(session_id: str) -> str:
     return session_id[:8] + "..."
 
 
-def session_key(session_id: str) -> str:
+def session_hash(session_id: str) -> str:
     """Internal routing key of a session (Redis keys, envelopes): full SHA-256 hex.
 
     The full digest (not the 16-char room id) so that two sessions can never share a route.
@@ -61,7 +85,7 @@ def session_key(session_id: str) -> str:
 
 def session_room_id(session_id: str) -> str:
     """The session room id shown to clients: `session_` + 16 hex chars of SHA-256."""
-    return "session_" + session_key(session_id)[:16]
+    return "session_" + session_hash(session_id)[:16]
 
 
 _ROOM_PART = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -88,7 +112,7 @@ def room_route(room_id: str) -> str:
 
 
 def shard_of(route: str, shards: int) -> int:
-    """Which fetcher shard serves a route (a session key, or a `room:` route). Every gateway
+    """Which fetcher shard serves a route (a session hash, or a `room:` route). Every gateway
     and fetcher must agree."""
     digest = route if not route.startswith("room:") else hashlib.sha256(route.encode()).hexdigest()
     return int(digest[:8], 16) % shards

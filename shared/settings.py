@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from shared.protocol import DEFAULT_COOKIE_NAMES
+from shared.protocol import BUDGET_NAMES, DEFAULT_COOKIE_NAMES
 
 
 class ConfigError(ValueError):
@@ -33,6 +33,13 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def server_problem(what: str, url: str, exc: BaseException) -> str:
+    """`cannot reach Redis at redis://:***@host/0 (first line of the error)`: one line, no
+    password. For the CLI and `portico-push stack`."""
+    detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    return f"cannot reach {what} at {redact_url(url)} ({detail})"
 
 
 class _Env:
@@ -157,6 +164,7 @@ class GatewaySettings:
     outbox_frames: int = 64
     bad_message_burst: int = 10
     bad_message_refill_per_second: float = 0.2
+    message_budgets: tuple[tuple[str, int, float], ...] = ()  # (name, burst, per second) overrides
     ownership_ttl_seconds: float = 10.0
     request_timeout_seconds: float = 10.0
     ws_ping_interval_seconds: float = 30.0
@@ -188,6 +196,7 @@ class GatewaySettings:
             bad_message_refill_per_second=env.number(
                 "BAD_MESSAGE_REFILL_PER_SECOND", 0.2, low=0.0, high=1000.0
             ),
+            message_budgets=_message_budgets(env.text("MESSAGE_BUDGETS", "")),
             ownership_ttl_seconds=env.number("OWNERSHIP_TTL_SECONDS", 10.0, low=1.0, high=3600.0),
             request_timeout_seconds=env.number("REQUEST_TIMEOUT_SECONDS", 10.0, low=0.1, high=300.0),
             ws_ping_interval_seconds=env.number("WS_PING_INTERVAL_SECONDS", 30.0, low=1.0, high=3600.0),
@@ -211,6 +220,33 @@ class GatewaySettings:
             socketio_affinity_cookie=_check_cookie_name(env.text("SOCKETIO_AFFINITY_COOKIE", "")),
             log_level=_log_level(env),
         )
+
+
+def _message_budgets(text: str) -> tuple[tuple[str, int, float], ...]:
+    """`MESSAGE_BUDGETS`: `name=burst/per_second`, comma-separated; names are client message
+    types or `any`, `new_session`, `not_implemented` (services/gateway/budgets.py)."""
+    budgets: list[tuple[str, int, float]] = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, sep, shape = entry.partition("=")
+        burst_text, slash, rate_text = shape.partition("/")
+        name = name.strip()
+        try:
+            burst, rate = int(burst_text), float(rate_text)
+        except ValueError:
+            burst, rate = -1, -1.0
+        if not (sep and slash) or not (1 <= burst <= 100_000 and 0 <= rate <= 10_000):
+            raise ConfigError(
+                f"MESSAGE_BUDGETS entries must be name=burst/per_second (burst 1-100000, per_second "
+                f"0-10000), got {entry!r}"
+            )
+        if name not in BUDGET_NAMES:
+            raise ConfigError(
+                f"MESSAGE_BUDGETS: {name[:40]!r} is not a budget (one of {', '.join(sorted(BUDGET_NAMES))})"
+            )
+        budgets.append((name, burst, rate))
+    return tuple(budgets)
 
 
 def _check_cookie_name(name: str) -> str:

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from services.fetcher.store import CartStoreError, PostgresCartStore
 from shared.keys import SESSION_MESSAGES_CHANNEL, Keys
-from shared.protocol import session_key
+from shared.protocol import session_hash
 from tests.support.data import add_application, seed_reference
 from tests.support.metrics import metric_value
 from tests.support.stack import Stack, trigger
@@ -170,7 +170,7 @@ async def test_a_join_served_from_the_snapshot_is_never_older_than_the_last_trig
 
 
 async def _no_owner(fetcher, sid: str) -> bool:
-    return await fetcher.registry.owners(session_key(sid)) == []
+    return await fetcher.registry.owners(session_hash(sid)) == []
 
 
 async def test_a_gateway_that_dies_stops_counting_as_an_owner_within_its_ttl(stack: Stack, redis_url):
@@ -181,7 +181,7 @@ async def test_a_gateway_that_dies_stops_counting_as_an_owner_within_its_ttl(sta
     tab = await Tab.open(dying.url, session=sid)
     await tab.wait_pushes(1)
     fetcher = stack.fetchers[0]
-    assert await fetcher.registry.owners(session_key(sid)) == [dying.gateway.id]
+    assert await fetcher.registry.owners(session_hash(sid)) == [dying.gateway.id]
     for task in dying.gateway._tasks:  # the process "dies": no more heartbeats, no release
         task.cancel()
     await asyncio.sleep(dying.gateway.settings.ownership_ttl_seconds)
@@ -200,7 +200,7 @@ async def test_holding_sessions_costs_redis_nothing_per_session(stack: Stack, db
         before = await client.info("commandstats")
         await asyncio.sleep(4)
         after = await client.info("commandstats")
-        owner_keys = [Keys(stack.prefix).route_owners(session_key(s)) for s in sessions]
+        owner_keys = [Keys(stack.prefix).route_owners(session_hash(s)) for s in sessions]
         ttls = [await client.pttl(k) for k in owner_keys]
     finally:
         await client.aclose()
@@ -212,4 +212,6 @@ async def test_holding_sessions_costs_redis_nothing_per_session(stack: Stack, db
     zadds = calls(after, "zadd") - calls(before, "zadd")
     print(f"4 s holding 60 sessions: {zadds} ZADD calls")
     assert zadds < 60, "per-process heartbeats only (a per-session refresh would be ~240)"
-    assert min(ttls) > 3600 * 1000, "session keys live long and are not refreshed by the second"
+    assert min(ttls) > 3600 * 1000, (
+        "the owners keys of sessions live long and are not refreshed by the second"
+    )

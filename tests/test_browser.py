@@ -95,7 +95,7 @@ async def test_two_tabs_on_two_gateways_update_together(browser: Browser, demo):
     assert await first.text("#total") == await second.text("#total")
     assert "kr" in (await first.text("#total") or "")
     # The two tabs really are on two different gateways.
-    assert [len(g.gateway.clients) for g in stack.gateways] == [1, 1]
+    assert [len(g.gateway.tabs) for g in stack.gateways] == [1, 1]
     await first.screenshot(OUTPUT / "demo-tab-gateway-1.png")
     await second.screenshot(OUTPUT / "demo-tab-gateway-2.png")
     # Remove from the second tab; the first follows.
@@ -120,8 +120,8 @@ async def test_a_socketio_tab_and_a_raw_tab_update_together(browser: Browser, de
     await sio.click("#add")
     for tab in (sio, raw):
         await tab.wait_for("document.querySelectorAll('#items li').length === 2")
-    assert [c.transport for c in stack.gateways[0].gateway.clients.values()] == ["socketio"]
-    assert [c.transport for c in stack.gateways[1].gateway.clients.values()] == ["websocket"]
+    assert [t.link.transport for t in stack.gateways[0].gateway.tabs.values()] == ["socketio"]
+    assert [t.link.transport for t in stack.gateways[1].gateway.tabs.values()] == ["websocket"]
     await sio.screenshot(OUTPUT / "demo-tab-socketio.png")
 
 

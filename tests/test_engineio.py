@@ -65,7 +65,7 @@ async def test_a_close_without_a_poll_ends_the_session_after_a_moment(stack: Sta
         assert (await client.post(f"{base}&sid={sid}", content="1")).status_code == 200
         await asyncio.sleep(0.5)
         assert (await client.get(f"{base}&sid={sid}")).status_code == 400
-        assert sid not in stack.gateways[0].gateway.engine.sessions  # nothing left behind
+        assert sid not in stack.gateways[0].socketio.engine.sessions  # nothing left behind
 
 
 async def test_only_the_allowed_origin_may_use_a_session_not_just_open_one(stack: Stack):
@@ -110,7 +110,7 @@ async def test_an_upgrade_that_never_completes_is_given_up_and_polling_goes_on(s
         polled = await client.get(f"{base}&sid={sid}")
         assert (polled.status_code, polled.text) == (200, "2")  # pinged over polling again
         await asyncio.sleep(3)  # and, not answering the ping, the session ends
-        assert sid not in gateway.gateway.engine.sessions
+        assert sid not in gateway.socketio.engine.sessions
 
 
 async def test_a_binary_message_event_is_refused_like_any_foreign_input(stack: Stack, caplog):
@@ -183,7 +183,7 @@ async def test_a_polling_tab_that_falls_behind_gets_the_newest_cart_and_stays(st
                     await add_application(db, session)  # the last cart is the one with 2
                 await trigger(redis_url, session)
                 await reader.wait_pushes(i + 1)
-            assert sid in gateway.gateway.engine.sessions, "closed as a slow consumer"
+            assert sid in gateway.socketio.engine.sessions, "closed as a slow consumer"
             carts = []
             while not carts or carts[-1]["count"] != 2:
                 response = await client.get(url)
@@ -242,3 +242,31 @@ async def test_engineio_sessions_are_counted_by_their_transport(stack: Stack):
             assert counts() == (0, 1, 1)
         await asyncio.sleep(0.2)
         assert counts() == (0, 0, 0)
+
+
+async def test_a_socketio_message_is_parsed_as_json_once(stack: Stack, monkeypatch):
+    """A Socket.IO message used to be parsed twice: by the packet decoder, then, re-encoded, by
+    the tab's protocol (`on_text`). The decoder's parse is now the only one (`on_message`)."""
+    from services.gateway import socketio, tab_protocol
+    from shared.codec import loads_strict
+
+    parsed: list[str] = []
+
+    def counting(raw: str | bytes):  # the strict parser, counting what it parses
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if "count-me" in text:
+            parsed.append(text)
+        return loads_strict(raw)
+
+    monkeypatch.setattr(socketio, "loads_strict", counting)
+    monkeypatch.setattr(tab_protocol, "loads_strict", counting)
+    url = f"ws://127.0.0.1:{stack.gateways[0].port}/socket.io/?EIO=4&transport=websocket"
+    async with websockets.connect(url, proxy=None) as ws:
+        assert str(await asyncio.wait_for(ws.recv(), 5)).startswith("0{")
+        await ws.send("40")
+        assert str(await asyncio.wait_for(ws.recv(), 5)).startswith("40")
+        await ws.send('42["message",{"type":"ping","id":"count-me"}]')
+        while "pong" not in (frame := str(await asyncio.wait_for(ws.recv(), 5))):
+            assert not frame.startswith("44"), frame
+        assert '"reply_to":"count-me"' in frame
+    assert len(parsed) == 1, parsed

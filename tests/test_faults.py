@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.localservers import LocalRedis
-from shared.protocol import session_key
+from shared.protocol import session_hash
 from tests.support.data import add_application, seed_reference
 from tests.support.stack import Stack, running_stack, session_served_by, trigger
 from tests.support.tabs import Tab
@@ -64,7 +64,7 @@ async def test_redis_restart_resubscribes_reregisters_and_converges(own_redis, d
         for tab in tabs:
             await eventually(lambda tab=tab: last_count(tab) == 2, 20, what="converged after restart")
 
-        owners = await stack.fetchers[0].registry.owners(session_key(SID))
+        owners = await stack.fetchers[0].registry.owners(session_hash(SID))
         assert sorted(owners) == ["gw1", "gw2"], "gateways re-registered their sessions"
         await stack.wait_shards_settled()
         seqs = [tab.pushes()[-1]["data"]["seq"] for tab in tabs]
@@ -167,7 +167,7 @@ async def test_a_dead_fetchers_shards_are_taken_over_and_its_sessions_converge(s
     for tab in tabs:
         await eventually(lambda tab=tab: last_count(tab) == 2, 20, what="converged via takeover")
     await eventually(lambda: len(survivor.leases.held()) == survivor.settings.shards, 10)
-    await dead.client.aclose()
+    await dead.redis.aclose()
 
 
 async def test_a_fetcher_stopping_gracefully_mid_traffic_loses_no_final_state(stack: Stack, db, redis_url):

@@ -1,4 +1,4 @@
-"""Fetcher pieces without I/O: trigger parsing, coalescing, delivery planning."""
+"""Fetcher pieces without I/O: trigger parsing, coalescing, routing to gateways."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 
 import pytest
 
-from services.fetcher.coalescer import GET, JOIN, SessionWork, WorkCoalescer
-from services.fetcher.deliveries import CartSnapshot, plan_cart_deliveries
+from services.fetcher.cartstate import CartSnapshot
+from services.fetcher.coalescer import SessionWork, WorkCoalescer
+from services.fetcher.routing import route_cart
 from services.fetcher.triggers import InvalidInput, parse_session_message
+from shared.envelopes import GET, JOIN, Cart, decode_for_gateway, encode
+from shared.protocol import session_hash
 
 pytestmark = pytest.mark.anyio
 
@@ -20,7 +23,7 @@ def parse(payload: object, limit: int = 1024 * 1024):
 
 def test_trigger_parsing():
     trigger = parse({"type": "update_partial_applications", "sessionId": "abc", "timestamp": "t"})
-    assert (trigger.type, trigger.session_id, trigger.frame) == ("update_partial_applications", "abc", None)
+    assert (trigger.type, trigger.session_id, trigger.event) == ("update_partial_applications", "abc", None)
     targeted = parse(
         {
             "type": "session_targeted",
@@ -28,9 +31,9 @@ def test_trigger_parsing():
             "data": {"type": "server_message", "sessionId": "abcdefghijk"},
         }
     )
-    frame = json.loads(targeted.frame)
-    assert frame["type"] == "server_message" and frame["sessionId"] == "abcdefgh..." and "timestamp" in frame
-    refresh = json.loads(parse({"type": "refresh_bookinguser", "sessionId": "abc"}).frame)
+    event = json.loads(targeted.event)
+    assert event["type"] == "server_message" and event["sessionId"] == "abcdefgh..." and "timestamp" in event
+    refresh = json.loads(parse({"type": "refresh_bookinguser", "sessionId": "abc"}).event)
     assert refresh["type"] == "refresh_bookinguser" and refresh["action"] == "refresh" and refresh["message"]
 
 
@@ -150,18 +153,22 @@ async def test_coalescer_batches_a_burst_and_runs_a_lone_trigger_at_once():
     assert overlaps == 0
 
 
-def test_plan_one_envelope_per_gateway():
+def test_one_envelope_per_gateway():
     work = SessionWork("sess-123456789", push_all=True, requests=[("gw2", 7, GET), ("gw3", 8, JOIN)])
     snapshot = CartSnapshot(seq=5, fetched_at="t", applications_json="[]", count=0)
-    plan = plan_cart_deliveries(work, "key", ["gw1", "gw2"], snapshot)
-    assert set(plan) == {"gw1", "gw2", "gw3"}
-    assert plan["gw1"]["all"] and plan["gw1"]["tokens"] == []
-    assert plan["gw2"]["all"] and plan["gw2"]["tokens"] == [[7, GET]]
-    assert not plan["gw3"]["all"] and plan["gw3"]["tokens"] == [[8, JOIN]]
-    assert plan["gw1"]["sid"] == "sess-123..." and plan["gw1"]["seq"] == 5
+    routed = route_cart(work, session_hash(work.session_id), ["gw1", "gw2"], snapshot)
+    assert set(routed) == {"gw1", "gw2", "gw3"}
+    assert routed["gw1"].push and routed["gw1"].tokens == []
+    assert routed["gw2"].push and routed["gw2"].tokens == [(7, GET)]
+    assert not routed["gw3"].push and routed["gw3"].tokens == [(8, JOIN)]
+    assert routed["gw1"].masked_session_id == "sess-123..." and routed["gw1"].seq == 5
+    # What the fetcher routes, a gateway accepts as it is (the validator on its side).
+    assert decode_for_gateway(encode(routed["gw2"])) == [routed["gw2"]]
 
 
-def test_plan_without_trigger_ignores_owners():
+def test_a_cart_without_trigger_ignores_owners():
     work = SessionWork("s", requests=[("gw2", 1, GET)])
-    plan = plan_cart_deliveries(work, "k", ["gw1"], CartSnapshot(1, "t", None, error="down"))
-    assert set(plan) == {"gw2"} and plan["gw2"]["ok"] is False and plan["gw2"]["message"] == "down"
+    routed = route_cart(work, session_hash("s"), ["gw1"], CartSnapshot(1, "t", None, error="down"))
+    assert set(routed) == {"gw2"} and routed["gw2"].ok is False and routed["gw2"].error == "down"
+    [decoded] = decode_for_gateway(encode(routed["gw2"]))
+    assert isinstance(decoded, Cart) and decoded.error == "down" and decoded.applications is None

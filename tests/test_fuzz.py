@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
 from shared.keys import NOTIFICATIONS_CHANNEL, ROOM_MESSAGES_CHANNEL, SESSION_MESSAGES_CHANNEL, Keys
-from shared.protocol import session_key
+from shared.protocol import session_hash
 from tests.support.data import add_application
 from tests.support.stack import Stack, trigger
 from tests.support.tabs import Tab
@@ -95,7 +95,7 @@ def malformed_payload(rng: random.Random, gateway_channel: str, keys: Keys) -> t
         if choice == 0:
             return channel, bytes(rng.randrange(256) for _ in range(rng.randrange(0, 60)))
         envelopes = [
-            {"kind": "cart", "key": session_key(BYSTANDER), "seq": 10**12},  # fields missing
+            {"kind": "cart", "key": session_hash(BYSTANDER), "seq": 10**12},  # fields missing
             {
                 "kind": "cart",
                 "key": "x",
@@ -109,7 +109,7 @@ def malformed_payload(rng: random.Random, gateway_channel: str, keys: Keys) -> t
                 "applications": "{not an array",
             },
             {"kind": "frame", "broadcast": True, "frame": "not json at all"},
-            {"kind": "frame", "key": session_key(BYSTANDER), "frame": 5},
+            {"kind": "frame", "key": session_hash(BYSTANDER), "frame": 5},
             {"kind": "frame", "room": ["x"], "frame": '{"type":"x"}'},
             {"kind": "resync", "shards": "all", "of": 0},
             {"kind": "get", "gateway": 5, "sid": BYSTANDER, "token": "t"},

@@ -145,7 +145,7 @@ async def test_malformed_socketio_input_disturbs_nobody(stack: Stack, db, redis_
         assert bystander.of("disconnect") == []
         # every hostile session ended: only the bystander's is left
         await eventually(
-            lambda: len(gateway.gateway.engine.sessions) == 1, 10, what="hostile sessions closed"
+            lambda: len(gateway.socketio.engine.sessions) == 1, 10, what="hostile sessions closed"
         )
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert errors == [], "no input may raise inside the gateway (uvicorn logs those as errors)"

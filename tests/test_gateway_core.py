@@ -1,4 +1,4 @@
-"""Gateway pieces without I/O: cart frames rendered once and spliced, the bounded outbox."""
+"""Gateway pieces without I/O: carts rendered once and spliced, the bounded outbox, the hub."""
 
 from __future__ import annotations
 
@@ -6,23 +6,28 @@ import json
 
 import pytest
 
-from services.gateway.frames import render_cart, stamp
 from services.gateway.outbox import Outbox, Outgoing
+from services.gateway.rendering import render_cart, stamp
+from shared.envelopes import Cart, decode_for_gateway, encode
+from shared.protocol import session_hash
 
 pytestmark = pytest.mark.anyio
 
-CART = {
-    "kind": "cart",
-    "key": "k",
-    "sid": "abcdefgh...",
-    "seq": 42,
-    "fetched_at": "2025-05-12T11:54:20+00:00",
-    "ok": True,
-    "count": 1,
-    "applications": '[{"id":1,"name":"\\u0000applications\\u0000"}]',
-    "all": True,
-    "tokens": [],
-}
+CART = Cart(
+    session_hash("abcdefghijk"),
+    "abcdefgh...",
+    42,
+    "2025-05-12T11:54:20+00:00",
+    '[{"id":1,"name":"\\u0000applications\\u0000"}]',
+    count=1,
+    push=True,
+)
+
+
+def test_the_fixture_is_a_cart_a_gateway_accepts():
+    """The cart these tests render is one the validator lets through (an earlier fixture had a
+    session hash of one character, which every gateway rejects)."""
+    assert decode_for_gateway(encode(CART)) == [CART]
 
 
 def test_push_frame_shape():
@@ -52,7 +57,8 @@ def test_reply_frame_has_request_id_and_no_source_even_if_request_id_mimics_the_
 
 
 def test_error_frame():
-    frame = json.loads(render_cart({**CART, "ok": False, "message": "db down"}, push=True))
+    failed = Cart(CART.session_hash, CART.masked_session_id, 43, CART.fetched_at, None, error="db down")
+    frame = json.loads(render_cart(failed, push=True))
     assert frame["data"]["error"] is True and frame["data"]["status"] == "error"
     assert "applications" not in frame["data"] and frame["data"]["message"] == "db down"
 
@@ -80,18 +86,18 @@ async def test_outbox_latest_cart_wins_and_overflow_is_reported():
 
 class _Member:
     def __init__(self) -> None:
-        self.session_key: str | None = None
+        self.session_hash: str | None = None
         self.cart_seq = 0
 
 
 def test_hub_reports_first_and_last_members_of_sessions_and_rooms():
     from services.gateway.hub import Hub
-    from shared.protocol import room_route, session_key
+    from shared.protocol import room_route, session_hash
 
     hub: Hub[_Member] = Hub()
     a, b = _Member(), _Member()
     key, first, released = hub.join_session(a, "sessA")
-    assert (key, first, released) == (session_key("sessA"), True, None)
+    assert (key, first, released) == (session_hash("sessA"), True, None)
     assert hub.join_session(b, "sessA")[1] is False, "second member: nothing to claim"
     assert hub.join_session(a, "sessA") == (key, False, None), "joining again changes nothing"
     assert hub.leave_session(b) is None, "a member remains"
@@ -116,10 +122,10 @@ def test_hub_never_sends_an_older_cart_after_a_newer_one():
     assert not Hub.accept_reply(member, 3) and member.cart_seq == 5
 
 
-def test_cart_requests_retry_joins_and_expire_gets():
-    from services.gateway.cart_requests import EXPIRED, GET, JOIN, RETRY, CartRequests
+def test_pending_requests_retry_joins_and_expire_gets():
+    from services.gateway.pending_requests import EXPIRED, GET, JOIN, RETRY, PendingRequests
 
-    requests: CartRequests[str] = CartRequests(timeout=10, attempts=3)
+    requests: PendingRequests[str] = PendingRequests(timeout=10, attempts=3)
     join = requests.add("tab", JOIN, None, False, now=0)
     get = requests.add("tab", GET, "r1", True, now=0)
     gone = requests.add("closed-tab", GET, None, False, now=0)

@@ -198,7 +198,7 @@ async def test_a_dead_essential_loop_fails_liveness_and_hands_the_shards_over(st
 
     doomed.subscription._run_once = bug  # type: ignore[method-assign]
     doomed.subscription._stopping.clear()
-    await doomed.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # makes it run again
+    await doomed.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # makes it run again
     await eventually(lambda: doomed.failure is not None, 10, what="death noticed")
     await eventually(lambda: len(survivor.leases.held()) == survivor.settings.shards, 10, what="taken over")
     assert not doomed.ready
@@ -209,7 +209,7 @@ async def test_a_dead_essential_loop_fails_liveness_and_hands_the_shards_over(st
     app.state.fetcher.failure = doomed.failure
     route = next(r for r in app.routes if getattr(r, "path", "") == "/healthz")
     response = await route.endpoint(None)  # type: ignore[attr-defined]
-    await app.state.fetcher.client.aclose()
+    await app.state.fetcher.redis.aclose()
     assert response.status_code == 503 and b"a bug in the subscription loop" in response.body
     await add_application(db, sid)
     await trigger(redis_url, sid)

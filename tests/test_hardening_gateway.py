@@ -9,15 +9,15 @@ import logging
 import socket
 import time
 
+import msgpack
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from services.gateway.outbox import Outgoing
-from shared import codec
 from shared.keys import NOTIFICATIONS_CHANNEL, Keys
-from shared.protocol import room_route, session_key
+from shared.protocol import room_route, session_hash
 from tests.support.data import add_application
 from tests.support.metrics import metric_value
 from tests.support.stack import Stack, trigger
@@ -70,12 +70,14 @@ async def test_a_writer_that_cannot_send_drops_its_socket(small_stack: Stack):
     gateway = running.gateway
     tab = await Tab.open(running.url, session=SID)
     await tab.wait_pushes(1)
-    [client] = gateway.clients.values()
-    gateway.enqueue(client, Outgoing("\ud800 cannot be UTF-8", "test"))  # what the old relay let through
+    [server_tab] = gateway.tabs.values()
+    gateway.writer.enqueue(
+        server_tab, Outgoing("\ud800 cannot be UTF-8", "test")
+    )  # what the old relay let through
     assert await tab.wait_closed(5) is not None
-    await eventually(lambda: not gateway.clients and not gateway.hub.sessions, 5, what="socket forgotten")
+    await eventually(lambda: not gateway.tabs and not gateway.hub.sessions, 5, what="socket forgotten")
     await eventually(
-        lambda: _no_owner(gateway, session_key(SID)), 5, what="ownership released after the drop"
+        lambda: _no_owner(gateway, session_hash(SID)), 5, what="ownership released after the drop"
     )
 
 
@@ -92,7 +94,7 @@ async def test_a_rejected_cart_envelope_changes_nothing(small_stack: Stack, redi
     channel = Keys(small_stack.prefix).gateway_channel("gw1")
     broken = {
         "kind": "cart",
-        "key": session_key(SID),
+        "key": session_hash(SID),
         "sid": "victimSe...",
         "seq": 10**18,
         "ok": True,
@@ -102,9 +104,9 @@ async def test_a_rejected_cart_envelope_changes_nothing(small_stack: Stack, redi
         "applications": "[]",
         # "fetched_at" missing
     }
-    await publish(redis_url, channel, codec.pack(broken))
-    await publish(redis_url, channel, codec.pack({**broken, "fetched_at": "x", "applications": "{oops"}))
-    await publish(redis_url, channel, codec.pack({**broken, "fetched_at": "x", "seq": True}))
+    await publish(redis_url, channel, msgpack.packb(broken))
+    await publish(redis_url, channel, msgpack.packb({**broken, "fetched_at": "x", "applications": "{oops"}))
+    await publish(redis_url, channel, msgpack.packb({**broken, "fetched_at": "x", "seq": True}))
     gateway = small_stack.gateways[0].gateway
     await eventually(lambda: metric_value(gateway.metrics.deliveries_invalid) == 3, what="all rejected")
     await add_application(db, SID)
@@ -225,12 +227,12 @@ async def test_ownership_is_released_when_many_sockets_close_at_once(small_stack
     for tab in tabs:
         tab.ws.transport.abort()  # all at once, as abusive clients vanish
     closed_at = time.monotonic()
-    await eventually(lambda: not gateway.clients, 10, what="sockets gone")
+    await eventually(lambda: not gateway.tabs, 10, what="sockets gone")
 
     async def nothing_owned() -> bool:
         client = aioredis.Redis.from_url(redis_url)
         try:
-            routes = [session_key(f"manySession{n:05d}") for n in range(300)]
+            routes = [session_hash(f"manySession{n:05d}") for n in range(300)]
             routes += [room_route(f"entity_resource_{n}") for n in range(100)]
             pipe = client.pipeline(transaction=False)
             for route in routes:
@@ -259,10 +261,10 @@ async def test_a_tab_that_stops_reading_is_dropped_with_a_deadline(small_stack: 
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
         b"Cookie: bookingfrontendsession=" + SID.encode() + b"\r\n\r\n"
     )
-    await eventually(lambda: len(gateway.clients) == 1, 5, what="connected")
+    await eventually(lambda: len(gateway.tabs) == 1, 5, what="connected")
     big = json.dumps({"type": "notification", "pad": "x" * 60000})
     await publish(redis_url, NOTIFICATIONS_CHANNEL, *[big] * 200)  # ~12 MB that nobody reads
-    await eventually(lambda: not gateway.clients, 15, what="the deaf tab dropped and forgotten")
+    await eventually(lambda: not gateway.tabs, 15, what="the deaf tab dropped and forgotten")
     assert not gateway.hub.sessions
     await publish(redis_url, NOTIFICATIONS_CHANNEL, *[big] * 20)
     await asyncio.sleep(0.5)
@@ -314,7 +316,7 @@ async def test_half_sent_handshakes_time_out_and_the_connection_cap_answers_503(
     assert refused.value.response.headers["Retry-After"] == "5"
     assert metric_value(running.gateway.metrics.handshakes_rejected, reason="capacity") == 1
     await first.close()
-    await eventually(lambda: len(running.gateway.clients) == 1, 5, what="room again")
+    await eventually(lambda: len(running.gateway.tabs) == 1, 5, what="room again")
     third = await Tab.open(running.url, session=SID)
     await third.wait_for("connection_success")
     await second.close()

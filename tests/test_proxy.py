@@ -23,7 +23,7 @@ import pytest
 
 from services.localservers import free_port
 from tests.support.data import add_application
-from tests.support.stack import Stack
+from tests.support.stack import Stack, trigger
 from tests.support.tabs import Tab
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")  # not on a user's PATH
@@ -143,12 +143,24 @@ async def test_without_the_cookie_polling_breaks_so_the_affinity_is_what_holds_i
     assert unknown > 0
 
 
-async def test_raw_websocket_tabs_need_no_affinity(stack: Stack, db, nginx: str):
+async def test_raw_websocket_tabs_need_no_affinity(stack: Stack, db, redis_url, nginx: str):
+    """The raw path is spread over the gateways (no affinity), and that is fine: the tabs of one
+    session, on different gateways, all get the session's pushes. (This test used to pass
+    whatever the proxy did with the tabs: it now checks that they were spread.)"""
     await add_application(db, SESSIONS[0])
     tabs = [await Tab.open(nginx.replace("http", "ws") + "/wss", session=SESSIONS[0]) for _ in range(4)]
     try:
         for tab in tabs:
-            await tab.wait_for("partial_applications_response")
+            await tab.wait_pushes(1)
+        behind = {
+            g.gateway.id: len(g.gateway.tabs) for g in stack.gateways if g.gateway.id.startswith("gateway-")
+        }
+        assert behind == {"gateway-1": 2, "gateway-2": 2}, "nginx spread the raw tabs (round robin)"
+        await add_application(db, SESSIONS[0])
+        await trigger(redis_url, SESSIONS[0])
+        for tab in tabs:
+            [*_, pushed] = await tab.wait_pushes(2)
+            assert pushed["data"]["count"] == 2
     finally:
         for tab in tabs:
             await tab.close()

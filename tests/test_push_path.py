@@ -8,8 +8,9 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
+from shared.envelopes import Cart, CartRequests, decode_for_fetchers, decode_for_gateway, encode
 from shared.keys import SESSION_MESSAGES_CHANNEL
-from shared.protocol import session_key, session_room_id
+from shared.protocol import session_hash, session_room_id
 from tests.support.data import add_application
 from tests.support.metrics import metric_value
 from tests.support.stack import Stack, running_stack, trigger
@@ -147,7 +148,6 @@ async def test_mass_invalidation_far_above_the_redis_pool_size_loses_nothing(sta
     mass invalidation used to fail with MaxConnectionsError and silently lose pushes. 1500
     sessions held by a probe gateway, 1500 triggers at once: every one must be delivered,
     exactly once, in batches (a mass invalidation cost one SQL statement per trigger)."""
-    from shared import codec
     from shared.keys import Keys
     from shared.registry import RedisOwnershipRegistry
 
@@ -156,7 +156,7 @@ async def test_mass_invalidation_far_above_the_redis_pool_size_loses_nothing(sta
     client = aioredis.Redis.from_url(redis_url)
     pubsub = client.pubsub()
     try:
-        await RedisOwnershipRegistry(client, keys, "probe", 60).claim([session_key(s) for s in sessions])
+        await RedisOwnershipRegistry(client, keys, "probe", 60).claim([session_hash(s) for s in sessions])
         await pubsub.subscribe(keys.gateway_channel("probe"))
         async with client.pipeline(transaction=False) as pipe:
             for sid in sessions:
@@ -174,17 +174,18 @@ async def test_mass_invalidation_far_above_the_redis_pool_size_loses_nothing(sta
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                 if message:
                     messages += 1
-                    received.extend(codec.decode_deliveries(message["data"]))  # type: ignore[arg-type]
+                    received.extend(decode_for_gateway(message["data"]))  # type: ignore[arg-type]
 
         await asyncio.wait_for(drain(), 60)
         await asyncio.sleep(0.5)  # room for a duplicate
         while message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1):
-            received.extend(codec.decode_deliveries(message["data"]))  # type: ignore[arg-type]
+            received.extend(decode_for_gateway(message["data"]))  # type: ignore[arg-type]
     finally:
         await pubsub.aclose()
         await client.aclose()
-    assert sorted(e["key"] for e in received) == sorted(session_key(s) for s in sessions), "each once"
-    assert all(e["ok"] and e["all"] and e["count"] == 0 for e in received)
+    assert all(isinstance(e, Cart) for e in received)
+    assert sorted(e.session_hash for e in received) == sorted(session_hash(s) for s in sessions), "each once"
+    assert all(e.ok and e.push and e.count == 0 for e in received)
     statements = sum(metric_value(f.metrics.cart_queries) for f in stack.fetchers)
     print(f"1500 triggers: {statements:.0f} cart statements, {messages} messages to the gateway")
     assert statements < len(sessions) / 4, "read in batches"
@@ -195,7 +196,6 @@ async def test_gateway_never_sends_an_older_cart_after_a_newer_one(redis_url, da
     """Around a shard hand-over two fetchers may answer out of order. The test plays the
     fetcher on the gateway's channel: a late, older push is dropped, and a reply older than
     what the tab has is asked for again instead of being shown."""
-    from shared import codec
     from shared.keys import Keys
 
     keys = Keys(prefix)
@@ -209,34 +209,24 @@ async def test_gateway_never_sends_an_older_cart_after_a_newer_one(redis_url, da
             await tab.wait_for("connection_success")
 
             async def publish_cart(seq: int, *, all_tabs: bool, tokens=()) -> None:
-                envelope = {
-                    "kind": "cart",
-                    "key": session_key(SID),
-                    "sid": "x...",
-                    "seq": seq,
-                    "fetched_at": "t",
-                    "ok": True,
-                    "count": seq,
-                    "applications": "[]",
-                    "all": all_tabs,
-                    "tokens": [list(t) for t in tokens],
-                    "received_at": None,
-                }
-                await client.publish(keys.gateway_channel("gw1"), codec.pack(envelope))
+                cart = Cart(
+                    session_hash(SID), "x...", seq, "t", "[]", count=seq, push=all_tabs, tokens=list(tokens)
+                )
+                await client.publish(keys.gateway_channel("gw1"), encode(cart))
 
             await publish_cart(10, all_tabs=True)
             await tab.wait_pushes(1)
             await publish_cart(9, all_tabs=True)  # late and older: dropped
             await tab.send({"type": "get_partial_applications", "requestId": "r"})
             token = await eventually(
-                lambda: next((t for t, p in gateway.pending.waiting() if p.kind == "get"), None)
+                lambda: next((t for t, p in gateway.requests.pending.waiting() if p.kind == "get"), None)
             )
             await publish_cart(8, all_tabs=False, tokens=[(token, "get")])  # older reply: asked again
 
             async def asked_again() -> bool:
                 while message := await requests.get_message(ignore_subscribe_messages=True, timeout=0.1):
-                    request = codec.unpack(message["data"])
-                    if request["kind"] == "requests" and any(item[2] == "get" for item in request["items"]):
+                    request, _errors = decode_for_fetchers(message["data"])  # type: ignore[arg-type]
+                    if isinstance(request, CartRequests) and any(i.kind == "get" for i in request.items):
                         return True
                 return False
 
@@ -265,5 +255,5 @@ async def test_stopping_gateway_tells_tabs_to_reconnect_and_releases_its_session
     assert await tab.wait_closed() == 1001
     [notice] = tab.of_type("reconnect_required")
     assert 0 <= notice["retryAfterMs"] <= 500, "spread over the drain window (0.5 s here)"
-    assert await stack.fetchers[0].registry.owners(session_key(SID)) == ["gw2"]
+    assert await stack.fetchers[0].registry.owners(session_hash(SID)) == ["gw2"]
     assert other.closed_code is None

@@ -33,6 +33,11 @@ def test_defaults():
         ({"GATEWAY_ID": "has space"}, "GATEWAY_ID"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"REDIS_PREFIX": "a b"}, "REDIS_PREFIX"),
+        ({"MESSAGE_BUDGETS": "subscribe=10"}, "MESSAGE_BUDGETS"),
+        ({"MESSAGE_BUDGETS": "subscribe=ten/1"}, "MESSAGE_BUDGETS"),
+        ({"MESSAGE_BUDGETS": "subscribe=0/1"}, "MESSAGE_BUDGETS"),
+        ({"MESSAGE_BUDGETS": "subscribe=5/nan"}, "MESSAGE_BUDGETS"),
+        ({"MESSAGE_BUDGETS": "subscrbe=5/1"}, "MESSAGE_BUDGETS"),
     ],
 )
 def test_gateway_errors_name_the_variable(env, variable):
@@ -71,3 +76,29 @@ def test_process_refuses_to_start_with_a_bad_value(command, variable):
     )
     assert result.returncode == 2
     assert variable in result.stderr and "configuration error" in result.stderr
+
+
+def test_message_budgets_override_the_defaults_and_take_effect():
+    """The rate budgets are configurable (`MESSAGE_BUDGETS`): an override replaces that budget
+    only, and a tab past it is rate limited."""
+    from services.gateway.budgets import DEFAULT_BUDGETS, Budget, Limits
+    from services.gateway.tab_protocol import Close, TabProtocol
+
+    settings = GatewaySettings.from_env({"MESSAGE_BUDGETS": "subscribe=2/0, any=100/50"})
+    assert settings.message_budgets == (("subscribe", 2, 0.0), ("any", 100, 50.0))
+    limits = Limits.of(10, 0.2, settings.message_budgets)
+    assert limits.budgets["subscribe"] == Budget(2, 0.0) and limits.budgets["any"] == Budget(100, 50.0)
+    assert {k: v for k, v in limits.budgets.items() if k not in ("subscribe", "any")} == {
+        k: v for k, v in DEFAULT_BUDGETS.items() if k not in ("subscribe", "any")
+    }
+    tab = TabProtocol(limits)
+    subscribe = '{"type":"subscribe","entityType":"resource","entityId":"%d"}'
+    assert not any(isinstance(a, Close) for a in tab.on_text(subscribe % 1) + tab.on_text(subscribe % 2))
+    assert any(isinstance(a, Close) for a in tab.on_text(subscribe % 3)), "the third is past a burst of 2"
+
+
+def test_every_client_message_type_has_a_handler_and_only_those():
+    from services.gateway.tab_protocol import _HANDLERS
+    from shared.protocol import CLIENT_MESSAGE_TYPES
+
+    assert set(_HANDLERS) == CLIENT_MESSAGE_TYPES

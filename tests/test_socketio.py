@@ -182,21 +182,40 @@ async def test_a_malformed_packet_closes_only_its_own_session(stack: Stack, db, 
         await bystander.close()
 
 
-async def test_the_socketio_bundle_is_served_or_missing_with_a_reason(stack: Stack):
+async def test_the_socketio_bundle_is_served_where_installed(stack: Stack):
+    """The official bundle, byte for byte as npm published it (its integrity checked when it
+    was installed). This test used to accept a 404 as well, so it passed whatever was served."""
     import httpx
 
     from services.gateway.vendor import SOCKETIO_BUNDLE, SOCKETIO_CLIENT_VERSION
 
+    if not SOCKETIO_BUNDLE.is_file():
+        pytest.skip("make install could not fetch the bundle (no npm registry here)")
     async with httpx.AsyncClient() as client:
         for path in ("/wss/socket.io/socket.io.js", "/socket.io/socket.io.js"):
             response = await client.get(stack.gateways[0].http + path)
-            if SOCKETIO_BUNDLE.is_file():
-                assert response.status_code == 200 and response.headers["content-type"].startswith(
-                    "text/javascript"
-                )
-                assert f"Socket.IO v{SOCKETIO_CLIENT_VERSION}" in response.text[:300]
-            else:
-                assert response.status_code == 404 and "services.gateway.vendor" in response.text
+            assert response.status_code == 200, path
+            assert response.headers["content-type"].startswith("text/javascript")
+            assert response.content == SOCKETIO_BUNDLE.read_bytes()
+            assert f"Socket.IO v{SOCKETIO_CLIENT_VERSION}" in response.text[:300]
+
+
+async def test_a_missing_bundle_is_a_404_with_the_reason(stack: Stack, monkeypatch, tmp_path):
+    import httpx
+
+    from services.gateway import asgi
+
+    monkeypatch.setattr(asgi, "SOCKETIO_BUNDLE", tmp_path / "not-installed.js")
+    async with httpx.AsyncClient() as client:
+        response = await client.get(stack.gateways[0].http + "/wss/socket.io/socket.io.js")
+    assert response.status_code == 404 and "python -m services.gateway.vendor" in response.text
+
+
+def test_a_tampered_bundle_is_refused():
+    from services.gateway.vendor import BundleError, verify
+
+    with pytest.raises(BundleError, match="integrity mismatch"):
+        verify(b"not the package npm published")
 
 
 async def test_the_polling_handshake_names_the_gateway_for_a_proxys_affinity(stack: Stack):

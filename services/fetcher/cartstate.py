@@ -1,7 +1,7 @@
 """A batch's Redis state in two round trips: owners, `seq` and cart snapshots.
 
 `begin` runs one script for a whole fetch batch. For each session, by its mode:
-  * owners: the gateways alive that hold it (`shared.registry`), when frames or a push need them;
+  * owners: the gateways alive that hold it (`shared.registry`), when events or a push need them;
   * `seq`: the next cart sequence number (above the last, never below the Redis clock in µs, so
     a lost key cannot make seq go backwards), when a cart must be read;
   * the snapshot: the latest cart kept with its seq, served instead of a read when only joins
@@ -11,7 +11,7 @@
 later trigger already took a newer one), in the pipeline that publishes the batch's envelopes.
 
 Modes are two characters: owners (`o` yes, `-` no), then the cart:
-  `-` none (frames only)          `c` the snapshot if there is one, else a new seq (joins, gets)
+  `-` none (events only)          `c` the snapshot if there is one, else a new seq (joins, gets)
   `n` delete the snapshot, new seq  `p` a trigger: delete the snapshot; a new seq only when some
                                         gateway holds the session (nobody to read it for)
 """
@@ -118,10 +118,14 @@ class CartState:
     def snapshots(self) -> bool:
         return self._snapshot_ttl_ms > 0
 
-    async def begin(self, session_keys: Sequence[str], modes: Sequence[str]) -> list[Begun]:
+    async def begin(self, session_hashes: Sequence[str], modes: Sequence[str]) -> list[Begun]:
         keys = [self._keys.gateways_alive]
-        for key in session_keys:
-            keys += [self._keys.route_owners(key), self._keys.session_seq(key), self._keys.session_cart(key)]
+        for session in session_hashes:
+            keys += [
+                self._keys.route_owners(session),
+                self._keys.session_seq(session),
+                self._keys.session_cart(session),
+            ]
         replies = await self._begin(keys=keys, args=[self._seq_ttl_ms, *modes])
         begun = []
         for owners, seq, snapshot in replies:
@@ -147,8 +151,8 @@ class CartState:
             return False
         keys: list[str] = []
         args: list[Any] = [self._snapshot_ttl_ms]
-        for key, snapshot in fresh:
-            keys += [self._keys.session_seq(key), self._keys.session_cart(key)]
+        for session, snapshot in fresh:
+            keys += [self._keys.session_seq(session), self._keys.session_cart(session)]
             args += [str(snapshot.seq), snapshot.pack()]
         pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
         return True

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from shared.codec import GET, JOIN
+from shared.envelopes import GET, JOIN
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +39,21 @@ class SessionWork:
     push_all: bool = False  # a trigger: push to every tab on every owning gateway
     refresh_gateways: set[str] = field(default_factory=set)  # push to all tabs on these
     requests: list[tuple[str, int, str]] = field(default_factory=list)  # (gateway, token, GET|JOIN)
-    frames: list[str] = field(default_factory=list)  # routed messages for the tabs, in order
+    events: list[str] = field(default_factory=list)  # events for the tabs (JSON texts), in order
     received_at: float | None = None  # wall-clock arrival of the oldest trigger merged in
     attempt: int = 0  # retries after database errors
-    route: str | None = None  # a `room:` route or the broadcast: frames only, no cart
+    route: str | None = None  # a `room:` route or the broadcast: events only, no cart
 
     @property
-    def key(self) -> str:
-        """What work is serialised and merged by: the session, or the room route."""
+    def lane(self) -> str:
+        """What work is serialised and merged by: the session id, or the room route."""
         return self.route or self.session_id
 
     def merge(self, other: SessionWork) -> None:
         self.push_all = self.push_all or other.push_all
         self.refresh_gateways |= other.refresh_gateways
         self.requests.extend(other.requests)
-        self.frames.extend(other.frames)
+        self.events.extend(other.events)
         if other.received_at is not None:
             self.received_at = min(self.received_at or other.received_at, other.received_at)
         self.attempt = max(self.attempt, other.attempt)
@@ -94,7 +94,7 @@ class WorkCoalescer:
         self._workers = []
 
     def submit(self, work: SessionWork) -> None:
-        sid = work.key
+        sid = work.lane
         self._idle.clear()
         pending = self._pending.get(sid)
         if pending is not None:
@@ -110,7 +110,7 @@ class WorkCoalescer:
         """Sessions waiting for or in a fetch."""
         return len(self._running) + len(self._pending)
 
-    def busy_sessions(self) -> Iterator[str]:
+    def busy_lanes(self) -> Iterator[str]:
         yield from self._running
         yield from self._pending
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uvicorn
 
-from shared.broker import speedups_enabled
 from shared.logconfig import configure_logging
+from shared.redis_clients import speedups_enabled
 from shared.settings import FetcherSettings, load_or_exit
 
 from .app import create_app
+from .shutdown import HTTP_SECONDS
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
         loop="auto" if speedups_enabled() else "asyncio",  # uvloop when installed
         log_config=None,
         lifespan="on",
-        timeout_graceful_shutdown=20,
+        timeout_graceful_shutdown=int(HTTP_SECONDS),  # then `Fetcher.stop` (shutdown.py)
     )
 
 

@@ -14,32 +14,40 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared import codec
-from shared.broker import Subscription, create_client
 from shared.codec import dumps
+from shared.envelopes import (
+    CartRequests,
+    EnvelopeError,
+    Event,
+    Refresh,
+    Resync,
+    decode_for_fetchers,
+    encode,
+)
 from shared.keys import NOTIFICATIONS_CHANNEL, ROOM_MESSAGES_CHANNEL, SESSION_MESSAGES_CHANNEL, Keys
 from shared.metrics import FetcherMetrics
 from shared.protocol import (
     BROADCAST_ROUTE,
-    is_valid_session_id,
     mask_session_id,
     now_iso,
-    session_key,
+    session_hash,
     shard_of,
 )
+from shared.redis_clients import create_client
 from shared.registry import RedisOwnershipRegistry
 from shared.settings import FetcherSettings
+from shared.subscription import Subscription
 from shared.supervision import supervise
 
 from .cartstate import CACHED_OR_NEW, NEW, NONE, PUSH, CartSnapshot, CartState
-from .coalescer import GET, JOIN, SessionWork, WorkCoalescer
-from .deliveries import GatewayMessages, plan_cart_deliveries, plan_frame_deliveries, plan_room_deliveries
+from .coalescer import SessionWork, WorkCoalescer
+from .routing import GatewayMessages, route_cart, route_room_event, route_session_event
 from .shards import ShardLeases
+from .shutdown import IN_FLIGHT_SECONDS, RELEASE_SECONDS
 from .store import CartStore, CartStoreError
 from .triggers import (
     UPDATE_PARTIAL_APPLICATIONS,
@@ -68,19 +76,19 @@ class Fetcher:
         settings: FetcherSettings,
         store: CartStore,
         *,
-        client: aioredis.Redis | None = None,
+        redis: aioredis.Redis | None = None,
         metrics: FetcherMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.redis.prefix)
         self.metrics = metrics or FetcherMetrics()
         self.store = store
-        self.client = client or create_client(
+        self.redis = redis or create_client(
             settings.redis.url, max_connections=settings.fetch_concurrency * 2 + 8
         )
-        self.registry = RedisOwnershipRegistry(self.client, self.keys, "", 1)
+        self.registry = RedisOwnershipRegistry(self.redis, self.keys, "", 1)
         self.cart_state = CartState(
-            self.client,
+            self.redis,
             self.keys,
             seq_ttl_ms=SEQ_TTL_MS,
             snapshot_ttl_ms=int(settings.cart_snapshot_ttl_seconds * 1000),
@@ -94,7 +102,7 @@ class Fetcher:
             on_failed=self._on_work_failed,
         )
         self.leases = ShardLeases(
-            self.client,
+            self.redis,
             self.keys,
             settings.fetcher_id,
             shards=settings.shards,
@@ -155,21 +163,25 @@ class Fetcher:
         self._tasks.append(task)
 
     async def stop(self) -> None:
-        """Stop taking work, finish what is in flight (bounded), hand the shards over."""
+        """Stop taking work, finish what is in flight, hand the shards over (`shutdown.py`
+        has the order and the durations)."""
         self.stopping = True
         self.subscription.stop()
         for _work, handle in self._retries.values():
             handle.cancel()
         try:
-            await asyncio.wait_for(self.coalescer.wait_idle(), 10)
+            await asyncio.wait_for(self.coalescer.wait_idle(), IN_FLIGHT_SECONDS)
         except TimeoutError:
-            log.warning("fetcher: in-flight work did not finish within 10s")
-        await self.leases.stop()
+            log.warning("fetcher: in-flight work did not finish within %.0fs", IN_FLIGHT_SECONDS)
+        try:
+            await asyncio.wait_for(self.leases.stop(), RELEASE_SECONDS)
+        except TimeoutError:
+            log.warning("fetcher: shard leases not released within %.0fs; they expire", RELEASE_SECONDS)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.coalescer.stop()
-        await self.client.aclose()
+        await self.redis.aclose()
 
     @property
     def ready(self) -> bool:
@@ -216,7 +228,7 @@ class Fetcher:
             self._on_request(data)
 
     def _serves(self, session_id: str) -> bool:
-        return self._serves_route(session_key(session_id))
+        return self._serves_route(session_hash(session_id))
 
     def _serves_route(self, route: str) -> bool:
         if self.leases.owns(shard_of(route, self.settings.shards)):
@@ -236,9 +248,9 @@ class Fetcher:
             return
         self.metrics.triggers.labels(channel).inc()
         if routed.session_id is not None:
-            work = SessionWork(routed.session_id, frames=[routed.frame], received_at=received_at)
+            work = SessionWork(routed.session_id, events=[routed.text], received_at=received_at)
         else:
-            work = SessionWork("", frames=[routed.frame], received_at=received_at, route=routed.route)
+            work = SessionWork("", events=[routed.text], received_at=received_at, route=routed.route)
         self.coalescer.submit(work)
 
     def _on_trigger(self, data: bytes) -> None:
@@ -256,64 +268,33 @@ class Fetcher:
             self.coalescer.submit(SessionWork(trigger.session_id, push_all=True, received_at=received_at))
         else:
             # Routed through the coalescer too: ordered per session, bounded concurrency.
-            assert trigger.frame is not None
+            assert trigger.event is not None
             self.coalescer.submit(
-                SessionWork(trigger.session_id, frames=[trigger.frame], received_at=received_at)
+                SessionWork(trigger.session_id, events=[trigger.event], received_at=received_at)
             )
 
     def _on_request(self, data: bytes) -> None:
         try:
-            request = codec.unpack(data)
-            kind = request["kind"]
-            gateway = request["gateway"]
-            if not isinstance(gateway, str):
-                raise codec.CodecError("gateway is not a string")
-            if kind == codec.REQUESTS:
-                items = request["items"]
-                if not isinstance(items, list):
-                    raise codec.CodecError("items is not a list")
-                for item in items:
-                    self._on_cart_request(gateway, item)
-            elif kind in (GET, JOIN):
-                sid, token = request["sid"], request["token"]
-                if not is_valid_session_id(sid) or not isinstance(token, int):
-                    raise codec.CodecError("bad sid or token")
-                if self._serves(sid):
-                    self.metrics.requests.labels(kind).inc()
-                    self.coalescer.submit(SessionWork(sid, requests=[(gateway, token, kind)]))
-            elif kind == codec.REFRESH:
-                sids = request["sids"]
-                if not isinstance(sids, list):
-                    raise codec.CodecError("sids is not a list")
-                for sid in sids:
-                    if is_valid_session_id(sid) and self._serves(sid):
-                        self.metrics.requests.labels(kind).inc()
-                        self.coalescer.submit(SessionWork(sid, refresh_gateways={gateway}))
-            else:
-                raise codec.CodecError(f"unknown kind {kind!r}")
-        except (codec.CodecError, KeyError, TypeError) as exc:
+            request, errors = decode_for_fetchers(data)
+        except EnvelopeError as exc:
+            errors, request = [exc], None
+        for error in errors:
             self.metrics.triggers_invalid.labels("bad_request").inc()
-            log.warning("fetcher requests: dropped invalid envelope (%s)", exc)
+            log.warning("fetcher requests: dropped invalid envelope (%s)", error)
+        if isinstance(request, CartRequests):
+            for item in request.items:
+                if self._serves(item.session_id):
+                    self.metrics.requests.labels(item.kind).inc()
+                    self.coalescer.submit(
+                        SessionWork(item.session_id, requests=[(request.gateway, item.token, item.kind)])
+                    )
+        elif isinstance(request, Refresh):
+            for sid in request.session_ids:
+                if self._serves(sid):
+                    self.metrics.requests.labels("refresh").inc()
+                    self.coalescer.submit(SessionWork(sid, refresh_gateways={request.gateway}))
 
     # -- work ------------------------------------------------------------------------------
-
-    def _on_cart_request(self, gateway: str, item: Any) -> None:
-        """One `[sid, token, get|join]` of a gateway's requests envelope; a bad item costs only
-        itself."""
-        if not (
-            isinstance(item, list)
-            and len(item) == 3
-            and is_valid_session_id(item[0])
-            and isinstance(item[1], int)
-            and item[2] in (GET, JOIN)
-        ):
-            self.metrics.triggers_invalid.labels("bad_request").inc()
-            log.warning("fetcher requests: dropped an invalid request item")
-            return
-        sid, token, kind = item
-        if self._serves(sid):
-            self.metrics.requests.labels(kind).inc()
-            self.coalescer.submit(SessionWork(sid, requests=[(gateway, token, kind)]))
 
     async def _run_batch(self, works: list[SessionWork]) -> None:
         sessions = []
@@ -330,7 +311,7 @@ class Fetcher:
 
     def _mode(self, work: SessionWork) -> str:
         """This work's `cartstate` mode: whether owners are needed, and how the cart is had."""
-        owners = "o" if work.push_all or work.frames else "-"
+        owners = "o" if work.push_all or work.events else "-"
         if work.push_all:
             cart = NEW if work.refresh_gateways or work.requests else PUSH
         elif work.refresh_gateways:
@@ -343,24 +324,24 @@ class Fetcher:
 
     async def _run_sessions(self, works: list[SessionWork]) -> None:
         self.metrics.batch_size.observe(len(works))
-        keys = [session_key(work.session_id) for work in works]
+        hashes = [session_hash(work.session_id) for work in works]
         modes = [self._mode(work) for work in works]
-        begun = await self.cart_state.begin(keys, modes)
+        begun = await self.cart_state.begin(hashes, modes)
         corrupt = [
             i for i, b in enumerate(begun) if modes[i][1] == CACHED_OR_NEW and not b.seq and not b.snapshot
         ]
         if corrupt:  # a snapshot that did not decode: read those carts after all
-            again = await self.cart_state.begin([keys[i] for i in corrupt], ["-" + NEW] * len(corrupt))
+            again = await self.cart_state.begin([hashes[i] for i in corrupt], ["-" + NEW] * len(corrupt))
             for i, b in zip(corrupt, again, strict=True):
                 begun[i] = b
 
         outgoing = GatewayMessages()
-        for work, key, state in zip(works, keys, begun, strict=True):
-            if work.frames:
+        for work, session, state in zip(works, hashes, begun, strict=True):
+            if work.events:
                 if not state.owners:
-                    self.metrics.triggers_unheld.inc(len(work.frames))
-                for frame in work.frames:
-                    outgoing.add(plan_frame_deliveries(key, state.owners, frame, work.received_at), "frame")
+                    self.metrics.triggers_unheld.inc(len(work.events))
+                for text in work.events:
+                    outgoing.add(route_session_event(session, state.owners, text, work.received_at), "event")
 
         to_read = [i for i, state in enumerate(begun) if state.seq and state.snapshot is None]
         read = await self._read_carts([works[i].session_id for i in to_read], [begun[i].seq for i in to_read])
@@ -373,14 +354,14 @@ class Fetcher:
             elif state.seq:
                 snapshots[i] = read[works[i].session_id]
                 if snapshots[i].error is None:
-                    fresh.append((keys[i], snapshots[i]))
+                    fresh.append((hashes[i], snapshots[i]))
             elif works[i].push_all:
                 self.metrics.triggers_unheld.inc()  # no socket anywhere: nothing to read
                 self._errored.pop(works[i].session_id, None)  # no tab anywhere shows its error now
         for i, snapshot in snapshots.items():
-            outgoing.add(plan_cart_deliveries(works[i], keys[i], begun[i].owners, snapshot), "cart")
+            outgoing.add(route_cart(works[i], hashes[i], begun[i].owners, snapshot), "cart")
 
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             # Snapshots before the publishes: a join that follows a push finds its snapshot.
             stored = self.cart_state.commit(pipe, fresh)
             for channel, message in outgoing.messages(self.keys.gateway_channel):
@@ -397,7 +378,7 @@ class Fetcher:
         for kind, count in outgoing.counts.items():
             self.metrics.deliveries_published.labels(kind).inc(count)
         for work in works:
-            work.frames = []  # published: a retry of this work must not send them twice
+            work.events = []  # published: a retry of this work must not send them twice
 
         for i, snapshot in snapshots.items():
             session_id = works[i].session_id
@@ -413,28 +394,23 @@ class Fetcher:
     async def _deliver_to_route(self, work: SessionWork) -> None:
         if work.route == BROADCAST_ROUTE:
             # One fetcher publishes it once on the all-gateways channel: every gateway once,
-            # every socket once. Each published frame leaves the work, so a retry after a
-            # failure sends only the rest.
-            while work.frames:
-                envelope = {
-                    "kind": codec.FRAME,
-                    "broadcast": True,
-                    "frame": work.frames[0],
-                    "received_at": work.received_at,
-                }
-                await self.client.publish(self.keys.gateways_channel, codec.pack(envelope))
-                work.frames.pop(0)
+            # every tab once. Each published event leaves the work, so a retry after a failure
+            # sends only the rest.
+            while work.events:
+                event = Event(work.events[0], broadcast=True, received_at=work.received_at)
+                await self.redis.publish(self.keys.gateways_channel, encode(event))
+                work.events.pop(0)
                 self.metrics.deliveries_published.labels("broadcast").inc()
             return
         assert work.route is not None
         owners = await self.registry.owners(work.route)
         if not owners:
-            self.metrics.triggers_unheld.inc(len(work.frames))
+            self.metrics.triggers_unheld.inc(len(work.events))
             return
         room = work.route.removeprefix("room:")
-        while work.frames:
-            await self._publish(plan_room_deliveries(room, owners, work.frames[0], work.received_at), "room")
-            work.frames.pop(0)
+        while work.events:
+            await self._publish(route_room_event(room, owners, work.events[0], work.received_at), "room")
+            work.events.pop(0)
 
     async def _read_carts(self, session_ids: list[str], seqs: list[int]) -> dict[str, CartSnapshot]:
         """The carts as snapshots, in one statement, or error snapshots: for every session when
@@ -488,7 +464,7 @@ class Fetcher:
         self.metrics.work_failed.inc()
         log.warning(
             "work for %s failed (%s: %s); retrying",
-            mask_session_id(work.key) if not work.route else work.route,
+            mask_session_id(work.lane) if not work.route else work.route,
             exc.__class__.__name__,
             exc,
         )
@@ -497,7 +473,7 @@ class Fetcher:
 
     def _retry_later(self, work: SessionWork) -> None:
         """Submit `work` again after a back-off; merged with a retry already waiting."""
-        waiting = self._retries.get(work.key)
+        waiting = self._retries.get(work.lane)
         if waiting is not None:
             waiting[0].merge(work)
             return
@@ -505,12 +481,12 @@ class Fetcher:
         delay = RETRY_DELAYS[step] * random.uniform(0.8, 1.2)
 
         def fire() -> None:
-            retry, _handle = self._retries.pop(work.key)
+            retry, _handle = self._retries.pop(work.lane)
             if not self.stopping:
                 self.coalescer.submit(retry)
 
         handle = asyncio.get_running_loop().call_later(delay, fire)
-        self._retries[work.key] = (work, handle)
+        self._retries[work.lane] = (work, handle)
 
     def _retry_errored_now(self) -> None:
         """The database is back: every session whose tabs show an error is fetched now."""
@@ -522,31 +498,31 @@ class Fetcher:
             else:
                 self.coalescer.submit(SessionWork(session_id, push_all=True, attempt=attempt))
 
-    async def _publish(self, envelopes: dict[str, dict[str, Any]], kind: str) -> None:
+    async def _publish(self, envelopes: dict[str, Event], kind: str) -> None:
         if not envelopes:
             return
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             for gateway, envelope in envelopes.items():
-                pipe.publish(self.keys.gateway_channel(gateway), codec.pack(envelope))
+                pipe.publish(self.keys.gateway_channel(gateway), encode(envelope))
             await pipe.execute()
         self.metrics.deliveries_published.labels(kind).inc(len(envelopes))
 
     # -- shard hand-over -------------------------------------------------------------------
 
     async def _announce_resync(self, shards: list[int]) -> None:
-        envelope = {"kind": codec.RESYNC, "shards": shards, "of": self.settings.shards}
-        await self.client.publish(self.keys.gateways_channel, codec.pack(envelope))
+        resync = Resync(shards, self.settings.shards)
+        await self.redis.publish(self.keys.gateways_channel, encode(resync))
 
-    def _shard_of_work(self, key: str) -> int:
-        """The shard of a coalescer key: a `room:` route, or a session id."""
-        return shard_of(key if key.startswith("room:") else session_key(key), self.settings.shards)
+    def _shard_of_work(self, lane: str) -> int:
+        """The shard of a coalescer lane: a `room:` route, or a session id."""
+        return shard_of(lane if lane.startswith("room:") else session_hash(lane), self.settings.shards)
 
     async def _drain_shards(self, shards: list[int]) -> None:
         """Before a lease is freed: let running fetches of those shards publish (bounded)."""
         released = set(shards)
         deadline = time.monotonic() + self.settings.lease_ttl_seconds / 2
         while time.monotonic() < deadline:
-            busy = [key for key in self.coalescer.busy_sessions() if self._shard_of_work(key) in released]
+            busy = [lane for lane in self.coalescer.busy_lanes() if self._shard_of_work(lane) in released]
             if not busy:
                 return
             await asyncio.sleep(0.05)

@@ -1,7 +1,7 @@
 """Shard leases: how fetcher replicas split the sessions between them instead of racing.
 
 Every replica receives every `session_messages` trigger (pub/sub fans out) and every gateway
-request; it serves only sessions whose shard (`shard_of(session_key)`) it holds a lease on. So in
+request; it serves only sessions whose shard (`shard_of(session_hash)`) it holds a lease on. So in
 steady state each trigger is fetched exactly once, by one process that also serialises that
 session's fetches (ordered `seq`).
 

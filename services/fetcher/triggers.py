@@ -21,7 +21,7 @@ from shared.protocol import (
     mask_session_id,
     now_iso,
     room_route,
-    session_key,
+    session_hash,
     user_room_id,
 )
 
@@ -41,7 +41,7 @@ class InvalidInput(ValueError):
 class Trigger:
     type: str
     session_id: str
-    frame: str | None = None  # for routed types: the JSON text to deliver to the tabs
+    event: str | None = None  # for the types that are events: the JSON text for the tabs
 
 
 def _load_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def _load_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
 
 
 def _for_tabs(message: dict[str, Any]) -> str:
-    """The frame text of a routed message: never one that impersonates the server's own
+    """The JSON text of an event for tabs: never one that impersonates the server's own
     messages (a `partial_applications_response` would bypass `seq`, a `reconnect_required`
     would disconnect every tab), and no full session id anywhere in it."""
     if message.get("type") in RESERVED_TYPES:
@@ -85,21 +85,21 @@ def parse_session_message(raw: bytes | str, max_bytes: int) -> Trigger:
             raise InvalidInput("bad_data", f"session {mask_session_id(session_id)}")
         return Trigger(kind, session_id, _for_tabs(dict(data)))
     message = payload.get("message")
-    frame: dict[str, Any] = {
+    refresh: dict[str, Any] = {
         "type": REFRESH_BOOKINGUSER,
         "message": message if isinstance(message, str) else "Booking user information changed",
         "action": "refresh",
         "timestamp": payload.get("timestamp") if isinstance(payload.get("timestamp"), str) else now_iso(),
     }
-    return Trigger(kind, session_id, dumps(frame))
+    return Trigger(kind, session_id, dumps(refresh))
 
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    """A message for the sockets of a route: a session key, a `room:` route, or the broadcast."""
+    """An event for the tabs of a route: a session hash, a `room:` route, or the broadcast."""
 
     route: str
-    frame: str
+    text: str
     session_id: str | None = None  # set for session routes (the fetcher needs the id)
 
 
@@ -108,7 +108,7 @@ _ROOM_TARGETS: Final = {"entity": ("entityType", "entityId"), "user": ("userType
 
 
 def parse_notification(raw: bytes | str, max_bytes: int) -> Routed:
-    """A `notifications` payload (PROTOCOL.md §6) -> where it goes and the frame to deliver."""
+    """A `notifications` payload (PROTOCOL.md §6) -> where it goes and the event's text."""
     payload = _load_object(raw, max_bytes)
     target = payload.get("target")
     if target == "session":
@@ -118,7 +118,7 @@ def parse_notification(raw: bytes | str, max_bytes: int) -> Routed:
         assert isinstance(session_id, str)
         if not isinstance(payload.get("type"), str):
             payload["type"] = "notification"
-        return Routed(session_key(session_id), _for_tabs(payload), session_id)
+        return Routed(session_hash(session_id), _for_tabs(payload), session_id)
     room_parts = _ROOM_TARGETS.get(target) if isinstance(target, str) else None
     if room_parts is not None:
         first, second = payload.get(room_parts[0]), payload.get(room_parts[1])

@@ -1,17 +1,11 @@
-"""Which local connections belong to which session and room: pure, no I/O (tested without a
-server, like `connection.py`).
+"""Which tabs here belong to which session and room: pure, no I/O (tested without a server,
+like `tab_protocol.py`).
 
-The gateway (`app.py`) asks the hub and acts on what it answers: a *first* member of a session
-or room here means "claim the route in Redis", a *last* member leaving means "release it". The
-hub also keeps the one ordering rule of carts: a connection is never sent a cart older than
-one it was already sent (`accept_push`, `accept_reply`).
-
-Words, as used across the gateway:
-  session id    the PHP session id (secret; only its first 8 characters are ever logged)
-  session key   SHA-256 hex of the session id: names the session in Redis and in envelopes
-  room          an entity or user room (`entity_<type>_<id>`, `user_<type>_<id>`)
-  route         what Redis ownership is kept for: a session key, or `room:<room>`
-  member        a local connection (`app.Client`), on either transport
+The core (`gateway.py`) asks the hub and acts on what it answers: a *first* member of a
+session or room here means "claim the route in Redis", a *last* member leaving means "release
+it". The hub also keeps the one ordering rule of carts: a tab is never sent a cart older than
+one it was already sent (`accept_push`, `accept_reply`). A member is a `tab.Tab`; the words
+(session, session hash, room, route) are defined in `tab.py`.
 """
 
 from __future__ import annotations
@@ -19,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
 
-from shared.protocol import room_route, session_key
+from shared.protocol import room_route, session_hash
 
 
 class Member(Protocol):
-    session_key: str | None  # the session it is in, if any
+    session_hash: str | None  # the session it is in, if any
     cart_seq: int  # seq of the newest cart it was sent
 
 
@@ -32,45 +26,45 @@ M = TypeVar("M", bound=Member)
 
 class Hub(Generic[M]):
     def __init__(self) -> None:
-        self.sessions: dict[str, set[M]] = {}  # session key -> its members here
-        self.session_ids: dict[str, str] = {}  # session key -> session id (to ask for carts)
+        self.sessions: dict[str, set[M]] = {}  # session hash -> its members here
+        self.session_ids: dict[str, str] = {}  # session hash -> session id (to ask for carts)
         self.rooms: dict[str, set[M]] = {}  # room -> its members here
 
     # -- sessions --------------------------------------------------------------------------
 
     def join_session(self, member: M, session_id: str) -> tuple[str, bool, str | None]:
-        """Put `member` in a session. Returns (session key, first member here, the previous
-        session's key if `member` was its last member here)."""
-        key = session_key(session_id)
-        if member.session_key == key:
-            return key, False, None
+        """Put `member` in a session. Returns (session hash, first member here, the previous
+        session's hash if `member` was its last member here)."""
+        session = session_hash(session_id)
+        if member.session_hash == session:
+            return session, False, None
         released = self.leave_session(member)
-        member.session_key = key
+        member.session_hash = session
         member.cart_seq = 0
-        members = self.sessions.setdefault(key, set())
+        members = self.sessions.setdefault(session, set())
         members.add(member)
-        self.session_ids[key] = session_id
-        return key, len(members) == 1, released
+        self.session_ids[session] = session_id
+        return session, len(members) == 1, released
 
     def leave_session(self, member: M) -> str | None:
-        """Take `member` out of its session; returns the session key if it was the last."""
-        key, member.session_key = member.session_key, None
-        if key is None or member not in self.sessions.get(key, ()):
+        """Take `member` out of its session; returns the session hash if it was the last."""
+        session, member.session_hash = member.session_hash, None
+        if session is None or member not in self.sessions.get(session, ()):
             return None
-        members = self.sessions[key]
+        members = self.sessions[session]
         members.discard(member)
         if members:
             return None
-        del self.sessions[key]
-        del self.session_ids[key]
-        return key
+        del self.sessions[session]
+        del self.session_ids[session]
+        return session
 
-    def session_members(self, key: str) -> Iterable[M]:
-        return self.sessions.get(key, ())
+    def session_members(self, session: str) -> Iterable[M]:
+        return self.sessions.get(session, ())
 
-    def newest_seq(self, key: str, besides: M) -> int:
+    def newest_seq(self, session: str, besides: M) -> int:
         """The newest cart seq any other member of the session here was sent (0: none)."""
-        return max((m.cart_seq for m in self.sessions.get(key, ()) if m is not besides), default=0)
+        return max((m.cart_seq for m in self.sessions.get(session, ()) if m is not besides), default=0)
 
     # -- rooms -----------------------------------------------------------------------------
 

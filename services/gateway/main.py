@@ -6,13 +6,14 @@ import socket
 
 import uvicorn
 
-from shared.broker import speedups_enabled
 from shared.logconfig import configure_logging
+from shared.redis_clients import speedups_enabled
 from shared.settings import GatewaySettings, load_or_exit
 
-from .app import Gateway, create_app
+from .asgi import GatewayApp, create_app
+from .gateway import Gateway
 from .shutdown import shutdown_seconds
-from .sockets import HTTPTOOLS, AbortableWebSocketProtocol, with_handshake_timeout
+from .uvicorn_protocols import HTTPTOOLS, AbortableWebSocketProtocol, with_handshake_timeout
 
 
 class GatewayServer(uvicorn.Server):
@@ -21,13 +22,16 @@ class GatewayServer(uvicorn.Server):
     (`Gateway.drain`), then lets uvicorn finish."""
 
     @property
-    def gateway(self) -> Gateway:
-        """The running app's `Gateway` (under uvicorn's middleware)."""
+    def app(self) -> GatewayApp:
+        """The running app (under uvicorn's middleware)."""
         app = self.config.loaded_app
-        while not hasattr(app, "state"):
+        while not isinstance(app, GatewayApp):
             app = app.app
-        gateway: Gateway = app.state.gateway
-        return gateway
+        return app
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app.gateway
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:

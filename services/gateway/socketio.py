@@ -151,7 +151,9 @@ class Namespace(Protocol):
     """What a namespace does with its sockets (the gateway, or the conformance echo)."""
 
     def on_connect(self, socket: Socket, auth: dict[str, Any]) -> None: ...
-    def on_event(self, socket: Socket, name: str, args: list[Any], ack_id: int | None) -> None: ...
+    def on_event(self, socket: Socket, name: str, args: list[Any], ack_id: int | None, binary: bool) -> None:
+        """An EVENT packet (`binary`: a BINARY_EVENT, its attachments as bytes in `args`)."""
+
     def on_disconnect(self, socket: Socket, reason: str) -> None: ...
 
 
@@ -251,7 +253,8 @@ class SocketIOServer:
             del state.sockets[packet.namespace]
             handler.on_disconnect(socket, "client namespace disconnect")
         elif packet.type in (EVENT, BINARY_EVENT):
-            handler.on_event(socket, packet.data[0], packet.data[1:], packet.ack_id)
+            binary = packet.type == BINARY_EVENT
+            handler.on_event(socket, packet.data[0], packet.data[1:], packet.ack_id, binary)
         # ACKs from clients: this server never asks for one; ignored
 
     def _connect(self, session: EngineSession, state: _Connection, packet: Packet) -> None:

@@ -2,12 +2,15 @@
 
 The frontend (socket.io-client 4.8, path `/wss/socket.io`, `transports: ['polling',
 'websocket']`) sends and receives the raw protocol's JSON objects as the event `"message"`
-on namespace `/`: `42["message",{...}]`. `PorticoNamespace` turns each Socket.IO connection
-into a gateway `Client` whose link (`SocketIOLink`) writes frames as that event, so sessions,
-rooms, carts, relays, budgets and drain are the raw WebSocket's, on both transports of
-Engine.IO.
+on namespace `/`: `42["message",{...}]`. `SocketIOTransport` serves Engine.IO
+(`engineio.py`) and Socket.IO (`socketio.py`) on the Socket.IO paths; each Socket.IO
+connection to `/` becomes a core `Tab` whose link (`SocketIOLink`) writes as that event, so
+sessions, rooms, carts, relays, budgets and drain are the raw WebSocket's, on both transports
+of Engine.IO. Everything Socket.IO needs beyond that lives here: admission of Engine.IO
+sessions, the input queue of each tab (Engine.IO hands over messages without waiting, the core
+handles them in order), the Engine.IO heartbeat, and its metric.
 
-What differs from a raw socket, for that client's sake:
+What differs from a raw tab, for that client's sake:
 * after `connection_success` an unsolicited `session_update_confirmation {success: true}`
   (the client counts itself connected only on that message, and does not resend
   `update_session` after a reconnect);
@@ -18,57 +21,57 @@ What differs from a raw socket, for that client's sake:
   DISCONNECT, so socket.io-client reconnects by itself, as a raw tab would.
 
 A tab that falls behind is handled as a raw one is: once the Engine.IO queue is half full the
-link makes the gateway's writer wait, so newer frames queue in the gateway's outbox (a newer
-cart replacing a queued one) and a full outbox drops the tab as a slow consumer.
+link makes the core's writer wait, so newer messages queue in the tab's outbox (a newer cart
+replacing a queued one) and a full outbox drops the tab as a slow consumer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
-from shared.codec import dumps
-from shared.protocol import mask_session_id
+from shared.metrics import ENGINEIO_TRANSPORTS
+from shared.protocol import CloseCode, mask_session_id
 
-from .connection import Send
-from .engineio import OUTGOING_FULL
-from .socketio import Socket, is_ascii_digits
-
-if TYPE_CHECKING:
-    from .app import Client, Gateway
+from .engineio import OUTGOING_FULL, EngineConfig, EngineServer
+from .gateway import Gateway, Loop
+from .socketio import Socket, SocketIOServer, is_ascii_digits
+from .tab import Tab
+from .tab_protocol import Action, Send
 
 EVENT = "message"
+INBOX_LIMIT = 256  # messages of one tab waiting to be handled (the budgets close it long before)
 log = logging.getLogger(__name__)
 
 
 class SocketIOLink:
-    """What the gateway's writer sends through: one Socket.IO socket."""
+    """What the core writes a Socket.IO tab through: one Socket.IO socket. It also holds the
+    tab's input queue, handled in order by one task while there is input."""
 
-    __slots__ = ("scope", "socket")
+    __slots__ = ("inbox", "reader", "socket")
     transport = "socketio"
 
     def __init__(self, socket: Socket) -> None:
         self.socket = socket
-        self.scope = socket.session.scope
+        self.inbox: deque[Callable[[], list[Action]]] | None = None
+        self.reader: asyncio.Task[None] | None = None
 
-    async def send_text(self, text: str) -> None:
-        await self._send(text, None)
-
-    async def send_cart(self, text: str, seq: int) -> None:
-        """A cart push, with its seq as the connection-state-recovery offset."""
-        await self._send(text, str(seq))
-
-    async def _send(self, text: str, offset: str | None) -> None:
-        session = self.socket.session
-        if session.closed:
+    async def write(self, text: str, seq: int) -> None:
+        engine_session = self.socket.session
+        if engine_session.closed:
             raise ConnectionError("socket.io session closed")
-        self.socket.send_event_json(EVENT, text, offset)
-        if session.crowded():
-            # The tab is behind (a poll not yet back, a slow WebSocket): the gateway's writer
+        # A cart push carries its seq as the connection-state-recovery offset.
+        self.socket.send_event_json(EVENT, text, str(seq) if seq else None)
+        if engine_session.crowded():
+            # The tab is behind (a poll not yet back, a slow WebSocket): the core's writer
             # waits, so what follows queues in its outbox, where a newer cart replaces a queued
-            # one and a full outbox is a slow consumer, as for a raw socket.
-            await session.drained()
+            # one and a full outbox is a slow consumer, as for a raw tab.
+            await engine_session.drained()
 
     async def close(self, code: int, reason: str) -> None:
         self.socket.session.close(f"closed by the gateway ({code} {reason})")
@@ -77,26 +80,80 @@ class SocketIOLink:
         self.socket.session.close("aborted by the gateway")
 
 
-class PorticoNamespace:
-    """Namespace `/`: each socket is a gateway client."""
+class SocketIOTransport:
+    """The Engine.IO endpoint for Socket.IO tabs (an ASGI app for the Socket.IO paths)."""
 
     def __init__(self, gateway: Gateway) -> None:
+        settings = gateway.settings
         self.gateway = gateway
         self.pid = secrets.token_urlsafe(12)  # connection-state recovery: offsets are seqs
+        self.engine = EngineServer(
+            SocketIOServer({"/": self}, connect_timeout=settings.socketio_connect_timeout_seconds),
+            EngineConfig(
+                ping_interval=settings.socketio_ping_interval_seconds,
+                ping_timeout=settings.socketio_ping_timeout_seconds,
+                max_payload=settings.max_frame_bytes,
+                max_buffered=settings.outbox_frames * 4,
+                upgrade_timeout=min(10.0, settings.socketio_ping_timeout_seconds),
+                affinity_cookie=(settings.socketio_affinity_cookie, settings.gateway_id)
+                if settings.socketio_affinity_cookie
+                else None,
+            ),
+            admit=self._admit,
+            origin_allowed=self._origin_allowed,
+        )
+        for transport in ENGINEIO_TRANSPORTS:
+            gateway.metrics.engineio_sessions.labels(transport).set_function(
+                partial(self._engine_sessions, transport)
+            )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.engine(scope, receive, send)
+
+    def loops(self) -> list[Loop]:
+        return [("engine.io-heartbeat", self.engine.run_heartbeat())]
+
+    def _engine_sessions(self, transport: str) -> int:
+        return sum(s.transport == transport for s in self.engine.sessions.values())
+
+    # -- admission -------------------------------------------------------------------------
+
+    def _origin_allowed(self, scope: Any) -> bool:
+        headers: dict[bytes, bytes] = {}
+        for key, value in scope.get("headers", ()):
+            if key in _ORIGIN_HEADERS:
+                headers.setdefault(key, value)  # the first, as Starlette's Headers.get
+
+        def header(name: bytes) -> str | None:
+            value = headers.get(name)
+            return None if value is None else str(value.decode("latin-1"))
+
+        return self.gateway.origin_allowed(
+            header(b"origin"), header(b"host"), scope.get("scheme", "http"), header(b"x-forwarded-proto")
+        )
+
+    def _admit(self, scope: Any) -> tuple[int, str] | None:
+        # The Origin is checked already, on every Engine.IO request (`_origin_allowed`).
+        # Engine.IO sessions not yet connected to Socket.IO count too (they live until
+        # SOCKETIO_CONNECT_TIMEOUT_SECONDS): a flood of bare handshakes stays bounded.
+        return self.gateway.load_refusal(max(0, len(self.engine.sessions) - len(self.gateway.tabs)))
+
+    # -- namespace `/`: each socket is a tab -----------------------------------------------
 
     def on_connect(self, socket: Socket, auth: dict[str, Any]) -> None:
         offset = auth.get("offset")
-        client = self.gateway.open_client(SocketIOLink(socket), "socketio")
-        socket.data = client
+        link = SocketIOLink(socket)
+        tab = self.gateway.open_tab(link)
+        socket.data = tab
         cookie = _cookie(socket)
         known_seq = (
             int(offset) if isinstance(offset, str) and len(offset) < 20 and is_ascii_digits(offset) else 0
         )
-        self.gateway.feed(client, lambda: self._opened(client, cookie, known_seq))
+        self._feed(tab, link, lambda: self._opened(tab, cookie, known_seq))
 
-    def _opened(self, client: Client, cookie: str | None, known_seq: int) -> list[Any]:
-        actions = self.gateway.open_actions(client, cookie, known_seq=known_seq)
-        if client.protocol.session_id is not None:
+    def _opened(self, tab: Tab, cookie: str | None, known_seq: int) -> list[Action]:
+        actions = self.gateway.greet(tab, cookie, known_seq=known_seq)
+        if tab.protocol.session_id is not None:
             actions.append(
                 Send(
                     {
@@ -105,34 +162,68 @@ class PorticoNamespace:
                         "message": "Session ID taken from the session cookie",
                         "action": "set",
                         "wasRequired": False,
-                        "sessionId": mask_session_id(client.protocol.session_id),
+                        "sessionId": mask_session_id(tab.protocol.session_id),
                     }
                 )
             )
         return actions
 
-    def on_event(self, socket: Socket, name: str, args: list[Any], ack_id: int | None) -> None:
-        client: Client | None = socket.data
-        if client is None:
+    def on_event(self, socket: Socket, name: str, args: list[Any], ack_id: int | None, binary: bool) -> None:
+        tab: Tab | None = socket.data
+        if tab is None or not isinstance(tab.link, SocketIOLink):
             return
-        if name == EVENT and len(args) >= 1 and isinstance(args[0], dict):
-            try:
-                text = dumps(args[0])
-            except TypeError:  # a binary event: its attachments (bytes) have no JSON form
-                self.gateway.feed(client, lambda: client.protocol.on_foreign("socket.io binary message"))
-                return
-            self.gateway.feed(client, lambda: client.protocol.on_text(text))
+        protocol = tab.protocol
+        if name == EVENT and len(args) >= 1 and isinstance(args[0], dict) and not binary:
+            message = args[0]  # parsed once, strictly, by the packet decoder
+            self._feed(tab, tab.link, lambda: protocol.on_message(message))
+        elif name == EVENT and binary:  # its attachments (bytes) have no JSON form
+            self._feed(tab, tab.link, lambda: protocol.on_foreign("socket.io binary message"))
         else:
-            self.gateway.feed(client, lambda: client.protocol.on_foreign(f"socket.io event {name[:40]!r}"))
+            self._feed(tab, tab.link, lambda: protocol.on_foreign(f"socket.io event {name[:40]!r}"))
 
     def on_disconnect(self, socket: Socket, reason: str) -> None:
-        client: Client | None = socket.data
-        if client is not None:
+        tab: Tab | None = socket.data
+        if tab is not None:
             socket.data = None
             if reason.startswith(OUTGOING_FULL):  # a polling tab that stopped polling
                 self.gateway.metrics.slow_consumers.labels("closed").inc()
-                log.warning("socket %d: outgoing buffer full, dropping slow consumer", client.id)
-            self.gateway.close_client(client)
+                log.warning("tab %d: outgoing buffer full, dropping slow consumer", tab.id)
+            link = tab.link
+            if isinstance(link, SocketIOLink) and link.reader is not None:
+                if not link.reader.done() and link.reader is not asyncio.current_task():
+                    link.reader.cancel()
+            self.gateway.close_tab(tab)
+
+    # -- the input queue -------------------------------------------------------------------
+
+    def _feed(self, tab: Tab, link: SocketIOLink, make_actions: Callable[[], list[Action]]) -> None:
+        """Handle a tab's input in arrival order (one task while there is any)."""
+        if tab.detached:
+            return
+        if link.inbox is None:
+            link.inbox = deque()
+        if len(link.inbox) >= INBOX_LIMIT:
+            self.gateway.drop(tab, CloseCode.POLICY_VIOLATION, "too many messages queued")
+            return
+        link.inbox.append(make_actions)
+        if link.reader is None:
+            link.reader = asyncio.get_running_loop().create_task(self._read_inbox(tab, link))
+
+    async def _read_inbox(self, tab: Tab, link: SocketIOLink) -> None:
+        try:
+            while link.inbox and not tab.detached:
+                make_actions = link.inbox.popleft()
+                self.gateway.metrics.messages_received.labels("text").inc()
+                await self.gateway.apply(tab, make_actions())
+        except Exception:
+            log.exception("tab %d: unexpected error; closing it", tab.id)
+            self.gateway.drop(tab, CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            link.reader = None
+            link.inbox = None
+
+
+_ORIGIN_HEADERS = frozenset({b"origin", b"host", b"x-forwarded-proto"})
 
 
 def _cookie(socket: Socket) -> str | None:

@@ -40,7 +40,7 @@ class EchoNamespace:
     def on_connect(self, socket: Socket, auth: dict[str, Any]) -> None:
         socket.emit("auth", auth)
 
-    def on_event(self, socket: Socket, name: str, args: list[Any], ack_id: int | None) -> None:
+    def on_event(self, socket: Socket, name: str, args: list[Any], ack_id: int | None, binary: bool) -> None:
         if name == "message":
             socket.emit("message-back", *args)
         elif name == "message-with-ack" and ack_id is not None:

@@ -8,15 +8,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
-
 from services.cli import publish_trigger
 from services.fetcher.service import Fetcher
 from services.fetcher.store import PostgresCartStore
-from services.gateway.app import Gateway
+from services.gateway.gateway import Gateway
 from services.gateway.main import GatewayServer, uvicorn_config
+from services.gateway.socketio_transport import SocketIOTransport
 from services.localservers import free_port
-from shared.protocol import session_key, shard_of
+from shared.protocol import session_hash, shard_of
 from shared.settings import FetcherSettings, GatewaySettings, RedisSettings
 
 from .waiting import eventually
@@ -25,9 +24,13 @@ from .waiting import eventually
 @dataclass
 class RunningGateway:
     gateway: Gateway
-    server: uvicorn.Server
+    server: GatewayServer
     task: asyncio.Task[None]
     port: int
+
+    @property
+    def socketio(self) -> SocketIOTransport:
+        return self.server.app.socketio
 
     @property
     def url(self) -> str:
@@ -149,7 +152,7 @@ def session_served_by(fetcher: Fetcher, prefix: str) -> str:
     return next(
         f"{prefix}-{i}"
         for i in range(10_000)
-        if fetcher.leases.owns(shard_of(session_key(f"{prefix}-{i}"), fetcher.settings.shards))
+        if fetcher.leases.owns(shard_of(session_hash(f"{prefix}-{i}"), fetcher.settings.shards))
     )
 
 

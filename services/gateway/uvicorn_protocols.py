@@ -9,7 +9,8 @@
   buffer; uvicorn's `send` (and so a close frame) then waits forever for it to drain, and the
   socket stays open with megabytes buffered. The gateway aborts such a socket instead.
 
-Both are set on the uvicorn `Config` by `services.gateway.main.uvicorn_config`.
+Both are set on the uvicorn `Config` by `services.gateway.main.uvicorn_config`; the raw
+transport's `WebSocketLink.abort` calls the second.
 """
 
 from __future__ import annotations

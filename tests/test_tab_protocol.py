@@ -1,20 +1,20 @@
-"""The per-socket protocol core, driven directly: no server, no sleeps."""
+"""The per-tab protocol core, driven directly: no server, no sleeps."""
 
 from __future__ import annotations
 
 import json
 
-from services.gateway.connection import (
+from services.gateway.budgets import Limits
+from services.gateway.tab_protocol import (
     Close,
-    ConnectionProtocol,
     JoinRoom,
     JoinSession,
     LeaveRoom,
-    Limits,
     RelayToRoom,
     RelayToSession,
     RequestCart,
     Send,
+    TabProtocol,
     is_origin_allowed,
     joined_messages,
     page_scheme,
@@ -79,7 +79,7 @@ def test_same_origin_includes_the_scheme():
 
 
 def test_connect_with_cookie_joins_the_session():
-    proto = ConnectionProtocol()
+    proto = TabProtocol()
     [join] = proto.on_open("sess-1")
     assert join == JoinSession("sess-1", via_cookie=True)
     [hello] = joined_messages(join, 2)
@@ -88,7 +88,7 @@ def test_connect_with_cookie_joins_the_session():
 
 
 def test_connect_without_cookie_then_update_session():
-    proto = ConnectionProtocol()
+    proto = TabProtocol()
     [required] = sent(proto.on_open(None))
     assert required["type"] == "session_id_required" and required["code"] == "NO_SESSION"
     [join] = proto.on_text(json.dumps({"type": "update_session", "sessionId": "abc"}))
@@ -103,7 +103,7 @@ def test_connect_without_cookie_then_update_session():
 
 
 def test_get_partial_applications():
-    proto = ConnectionProtocol()
+    proto = TabProtocol()
     proto.on_open(None)
     [reply] = sent(proto.on_text('{"type":"get_partial_applications","requestId":"r1"}'))
     assert reply["data"] == {"error": True, "status": "error", "message": "No session found"}
@@ -114,7 +114,7 @@ def test_get_partial_applications():
 
 
 def test_ping_pong_and_silent_messages():
-    proto = ConnectionProtocol()
+    proto = TabProtocol()
     [pong] = sent(proto.on_text('{"type":"ping","id":"p9"}'))
     assert pong["type"] == "pong" and pong["reply_to"] == "p9" and pong["id"].startswith("pong_")
     [pong] = sent(proto.on_text('{"type":"ping"}'))
@@ -124,7 +124,7 @@ def test_ping_pong_and_silent_messages():
 
 
 def test_session_message_is_relayed_only_within_the_session():
-    proto = ConnectionProtocol()
+    proto = TabProtocol()
     [error] = sent(proto.on_text('{"type":"session_message","message":"x"}'))
     assert error["code"] == "NO_SESSION"
     proto.on_open("abc")
@@ -133,7 +133,7 @@ def test_session_message_is_relayed_only_within_the_session():
 
 
 def test_unknown_and_peer_types_are_refused_not_relayed():
-    proto = ConnectionProtocol(Limits(bad_message_burst=100))
+    proto = TabProtocol(Limits(bad_message_burst=100))
     for message in [
         '{"type":"chat"}',
         '{"type":"notification"}',
@@ -145,7 +145,7 @@ def test_unknown_and_peer_types_are_refused_not_relayed():
 
 
 def test_room_message_goes_only_from_a_member_to_its_entity_room():
-    proto = ConnectionProtocol(Limits(bad_message_burst=100))
+    proto = TabProtocol(Limits(bad_message_burst=100))
     proto.on_open("abc")
     for room in ["entity_resource_1", session_room_id("abc"), "user_bookinguser_1", 7, None]:
         [error] = sent(proto.on_text(json.dumps({"type": "room_message", "roomId": room})))
@@ -161,7 +161,7 @@ def test_request_types_this_service_does_not_implement_get_an_immediate_error_re
     """Today's frontend waits 5 to 15 s for these; it matches replies on the type and on
     requestId (create, delete), data.buildingId (free time) or data.id (detail), and falls
     back to REST for create/delete only when the message says "timeout"."""
-    proto = ConnectionProtocol()
+    proto = TabProtocol()
     proto.on_open("abc")
     cases = {
         '{"type":"create_simple_application","requestId":"booking_1","resourceId":1}': (
@@ -200,7 +200,7 @@ def test_request_types_this_service_does_not_implement_get_an_immediate_error_re
 
 def test_bad_messages_are_rate_limited_then_closed_1008_and_refill():
     clock = FakeClock()
-    proto = ConnectionProtocol(Limits(bad_message_burst=3, bad_message_refill_per_second=1.0), clock)
+    proto = TabProtocol(Limits(bad_message_burst=3, bad_message_refill_per_second=1.0), clock)
     for _ in range(3):
         [error] = sent(proto.on_text("nope"))
         assert error["code"] == "INVALID_JSON"
@@ -214,11 +214,11 @@ def test_bad_messages_are_rate_limited_then_closed_1008_and_refill():
 
 
 def test_binary_closes_1003():
-    assert ConnectionProtocol().on_binary() == [Close(1003, "binary frames are not supported")]
+    assert TabProtocol().on_binary() == [Close(1003, "binary frames are not supported")]
 
 
 def test_user_info_joins_the_user_room():
-    proto = ConnectionProtocol(Limits(bad_message_burst=50, budgets={}))
+    proto = TabProtocol(Limits(bad_message_burst=50, budgets={}))
     [join] = proto.on_text('{"type":"update_user_info","userId":"17"}')
     assert join == JoinRoom(
         "user_bookinguser_17",
@@ -255,7 +255,7 @@ def test_user_info_joins_the_user_room():
 def test_a_huge_user_id_is_refused_not_made_a_room():
     """Bug: `update_user_info` with a 4200-digit integer userId was accepted; it became the
     room `user_bookinguser_4444...` and a Redis key of that length. User ids are bigints."""
-    proto = ConnectionProtocol()
+    proto = TabProtocol()
     [error] = sent(proto.on_text('{"type":"update_user_info","userId":' + "4" * 4200 + "}"))
     assert error["code"] == "INVALID_MESSAGE" and proto.rooms == set()
     [join] = proto.on_text(f'{{"type":"update_user_info","userId":{2**63 - 1}}}')
@@ -263,7 +263,7 @@ def test_a_huge_user_id_is_refused_not_made_a_room():
 
 
 def test_subscribe_and_unsubscribe():
-    proto = ConnectionProtocol(Limits(max_rooms=2))
+    proto = TabProtocol(Limits(max_rooms=2))
     [join] = proto.on_text('{"type":"subscribe","entityType":"resource","entityId":5}')
     joined, confirmation = join.replies
     assert join.room_id == "entity_resource_5" and joined["roomType"] == "entity" and joined["entityId"] == 5
@@ -285,7 +285,7 @@ def test_subscribe_and_unsubscribe():
 
 
 def test_deeply_nested_json_is_invalid_not_a_crash():
-    [error] = sent(ConnectionProtocol().on_text("[" * 100_000 + "]" * 100_000))
+    [error] = sent(TabProtocol().on_text("[" * 100_000 + "]" * 100_000))
     assert error["code"] == "INVALID_JSON"
 
 
@@ -294,7 +294,7 @@ def test_non_standard_json_is_refused_never_echoed():
     `"id": NaN` was answered `{"reply_to":NaN}` (not JSON: the browser's JSON.parse threw on the
     whole frame), and a lone surrogate echoed or relayed killed the writer of the socket that
     received it (UTF-8 cannot encode it). Such input is invalid JSON; nothing is echoed."""
-    proto = ConnectionProtocol(Limits(bad_message_burst=50))
+    proto = TabProtocol(Limits(bad_message_burst=50))
     proto.on_open("victimSession1")
     for text in [
         '{"type":"ping","id":NaN}',
@@ -317,7 +317,7 @@ def test_valid_messages_have_budgets_and_a_new_session_id_costs_most():
     SQL query and one Redis key per frame: 2000 frames gave 2000 queries in 3.5 s. Valid
     messages now have budgets per socket; a change to a new session id is the strictest."""
     clock = FakeClock()
-    proto = ConnectionProtocol(clock=clock)
+    proto = TabProtocol(clock=clock)
     proto.on_open(None)
     joins = []
     for n in range(3):
@@ -334,7 +334,7 @@ def test_valid_messages_have_budgets_and_a_new_session_id_costs_most():
     )
     assert proto.closed and proto.session_id == "madeUp2"
 
-    refilled = ConnectionProtocol(clock=clock)
+    refilled = TabProtocol(clock=clock)
     for n in range(3):
         refilled.on_text(f'{{"type":"update_session","sessionId":"other{n}"}}')
     clock.now += 31  # one session change per 30 s after the burst
@@ -344,13 +344,13 @@ def test_valid_messages_have_budgets_and_a_new_session_id_costs_most():
 
 def test_any_valid_message_has_a_budget():
     clock = FakeClock()
-    proto = ConnectionProtocol(clock=clock)
+    proto = TabProtocol(clock=clock)
     proto.on_open("victimSession1")
     replies = [sent(proto.on_text('{"type":"ping","id":1}')) for _ in range(60)]
     assert all(r[0]["type"] == "pong" for r in replies)
     actions = proto.on_text('{"type":"ping","id":1}')
     assert sent(actions)[0]["code"] == "RATE_LIMITED" and proto.closed
-    steady = ConnectionProtocol(clock=clock)
+    steady = TabProtocol(clock=clock)
     for _ in range(500):  # 10 per second for 50 s: well within 20 per second
         clock.now += 0.1
         assert sent(steady.on_text('{"type":"ping","id":1}'))[0]["type"] == "pong"

@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from shared.codec import GET, JOIN
+from shared.envelopes import GET, JOIN
 
 C = TypeVar("C")
 
@@ -21,7 +21,7 @@ RETRY, EXPIRED = "retry", "expired"
 
 @dataclass(slots=True)
 class PendingRequest(Generic[C]):
-    client: C
+    tab: C
     kind: str  # GET or JOIN
     request_id: Any
     has_request_id: bool
@@ -29,7 +29,7 @@ class PendingRequest(Generic[C]):
     attempts: int = 1
 
 
-class CartRequests(Generic[C]):
+class PendingRequests(Generic[C]):
     def __init__(self, *, timeout: float, attempts: int) -> None:
         self.timeout = timeout
         self.attempts = attempts
@@ -42,9 +42,9 @@ class CartRequests(Generic[C]):
     def waiting(self) -> list[tuple[int, PendingRequest[C]]]:
         return list(self._pending.items())
 
-    def add(self, client: C, kind: str, request_id: Any, has_request_id: bool, now: float) -> int:
+    def add(self, tab: C, kind: str, request_id: Any, has_request_id: bool, now: float) -> int:
         token = next(self._tokens)
-        self._pending[token] = PendingRequest(client, kind, request_id, has_request_id, now + self.timeout)
+        self._pending[token] = PendingRequest(tab, kind, request_id, has_request_id, now + self.timeout)
         return token
 
     def answer(self, token: int) -> PendingRequest[C] | None:
@@ -62,13 +62,13 @@ class CartRequests(Generic[C]):
 
     def due(self, now: float, gone: Any) -> list[tuple[str, int, PendingRequest[C]]]:
         """Requests past their deadline: (RETRY, token, request) for a join to send again,
-        (EXPIRED, ...) for one given up. Requests of clients for which `gone(client)` holds
+        (EXPIRED, ...) for one given up. Requests of tabs for which `gone(tab)` holds
         are forgotten."""
         result = []
         for token, pending in list(self._pending.items()):
             if pending.deadline > now:
                 continue
-            if gone(pending.client):
+            if gone(pending.tab):
                 del self._pending[token]
             elif pending.kind == JOIN and pending.attempts < self.attempts:
                 pending.attempts += 1
@@ -80,4 +80,4 @@ class CartRequests(Generic[C]):
         return result
 
 
-__all__ = ["EXPIRED", "GET", "JOIN", "RETRY", "CartRequests", "PendingRequest"]
+__all__ = ["EXPIRED", "GET", "JOIN", "RETRY", "PendingRequest", "PendingRequests"]

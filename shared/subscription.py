@@ -1,4 +1,4 @@
-"""Redis pub/sub: a subscription that never dies silently, and the command client factory.
+"""Redis pub/sub: a subscription that never dies silently.
 
 Delivery guarantee of Redis pub/sub, and so of `Subscription`: at most once, in publish order per
 publishing connection, and only while connected. Whatever is published while the subscription is
@@ -11,59 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.redis_clients import parser_options
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectedHandler = Callable[[], Awaitable[None]]
-
-
-def speedups_enabled() -> bool:
-    """uvloop, httptools and hiredis are used when installed, unless PORTICO_SPEEDUPS=0 (the
-    benchmark's comparison run)."""
-    return os.environ.get("PORTICO_SPEEDUPS", "1") != "0"
-
-
-def _parser_options() -> dict[str, Any]:
-    if speedups_enabled():
-        return {}  # redis-py picks hiredis when it is installed
-    from redis._parsers import _AsyncRESP2Parser
-
-    return {"parser_class": _AsyncRESP2Parser}
-
-
-def create_client(url: str, *, max_connections: int = 64, wait_seconds: float = 10.0) -> aioredis.Redis:
-    """Command client (publish, scripts), on a pool that *waits* for a free connection.
-
-    redis-py's default pool raises "Too many connections" the moment all are busy: a connect
-    storm of 2000 tabs failed 1936 claims that way. A `BlockingConnectionPool` queues callers
-    for up to `wait_seconds` instead, so bursts slow down rather than fail. A command that
-    meets a connection the server closed (a Redis restart) is retried on a new connection.
-    """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=wait_seconds,
-        socket_connect_timeout=5,
-        socket_timeout=5,
-        health_check_interval=10,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        **_parser_options(),
-    )
-    return aioredis.Redis(connection_pool=pool)
 
 
 class Subscription:
@@ -158,7 +120,7 @@ class Subscription:
             socket_timeout=None,
             socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
-            **_parser_options(),
+            **parser_options(),
         )
         pubsub = client.pubsub()
         try:

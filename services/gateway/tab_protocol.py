@@ -1,8 +1,9 @@
-"""One socket's protocol, without I/O: frames in -> actions out (PROTOCOL.md §2-§4).
+"""One tab's protocol, without I/O: messages in -> actions out (PROTOCOL.md §2-§4).
 
-`ConnectionProtocol` decides; the driver in `app.py` only moves bytes and carries out the
-actions (send a frame, join a session, ask a fetcher for the cart, relay to the other tabs,
-close). Tests drive it directly: no server, no sleeps (the clock is injected).
+`TabProtocol` decides; the gateway core (`gateway.py`) carries out the actions (send a
+message, join a session, ask a fetcher for the cart, relay to the other tabs, close) and the
+transports only move text. Tests drive it directly: no server, no sleeps (the clock is
+injected). What a tab may ask, and how often, is `budgets.py`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -27,6 +28,8 @@ from shared.protocol import (
     session_room_id,
     user_room_id,
 )
+
+from .budgets import ANY_MESSAGE, NEW_SESSION, NOT_IMPLEMENTED, Limits, TokenBucket
 
 _INT_LIKE = re.compile(r"[0-9]{1,18}")  # not \d: it matches "١٢" and other scripts' digits
 MAX_USER_ID: Final = 2**63 - 1  # a PostgreSQL bigint: user ids beyond it are not ids, and become room names
@@ -51,6 +54,8 @@ class JoinSession:
     via_cookie: bool
     action: str = "set"  # set / updated / none (update_session only)
     was_required: bool = False
+    # Socket.IO: the seq of the cart the tab says it shows (its recovery offset); 0: none
+    known_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,68 +159,11 @@ def page_scheme(connection_scheme: str, forwarded_proto: str | None, trust_forwa
     return "https" if connection_scheme in ("https", "wss") else "http"
 
 
-class TokenBucket:
-    __slots__ = ("_at", "_burst", "_clock", "_rate", "_tokens")
-
-    """Allows `burst` bad messages at once, refilled at `rate` per second."""
-
-    def __init__(self, burst: int, rate: float, clock: Callable[[], float]) -> None:
-        self._burst = float(burst)
-        self._rate = rate
-        self._clock = clock
-        self._tokens = float(burst)
-        self._at = clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """A token bucket's shape: `burst` at once, refilled at `per_second`."""
-
-    burst: int
-    per_second: float
-
-
-# Valid messages cost work (a session change costs a SQL query, a claim in Redis and a seq key),
-# so they have budgets too, per socket: any message, and the costly types on their own. Past a
-# budget the socket gets RATE_LIMITED and is closed 1008, like a socket sending bad messages.
-ANY_MESSAGE: Final = "*"
-NEW_SESSION: Final = "update_session:new"  # update_session to an id other than the current one
-NOT_HERE: Final = "not-implemented"  # the request types of NOT_IMPLEMENTED, together
-DEFAULT_BUDGETS: Final = {
-    ANY_MESSAGE: Budget(60, 20.0),
-    NEW_SESSION: Budget(3, 1 / 30),
-    "get_partial_applications": Budget(10, 1.0),
-    "session_message": Budget(20, 5.0),
-    "room_message": Budget(20, 5.0),
-    NOT_HERE: Budget(10, 1.0),
-    "subscribe": Budget(60, 2.0),
-    "unsubscribe": Budget(60, 2.0),
-    "update_user_info": Budget(5, 0.1),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    bad_message_burst: int = 10
-    bad_message_refill_per_second: float = 0.2
-    max_rooms: int = 50  # entity subscriptions per socket
-    budgets: Mapping[str, Budget] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
-
-
 # -- the protocol --------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
-class ConnectionProtocol:
+class TabProtocol:
     limits: Limits = field(default_factory=Limits)
     clock: Callable[[], float] = time.monotonic
     session_id: str | None = None
@@ -245,7 +193,9 @@ class ConnectionProtocol:
     def room_id(self) -> str | None:
         return session_room_id(self.session_id) if self.session_id else None
 
-    def on_open(self, cookie_session: str | None, cookie_invalid: bool = False) -> list[Action]:
+    def on_open(
+        self, cookie_session: str | None, cookie_invalid: bool = False, *, known_seq: int = 0
+    ) -> list[Action]:
         actions: list[Action] = []
         if cookie_invalid:
             actions.append(
@@ -257,7 +207,7 @@ class ConnectionProtocol:
             )
         if cookie_session is not None:
             self.session_id = cookie_session
-            actions.append(JoinSession(cookie_session, via_cookie=True))
+            actions.append(JoinSession(cookie_session, via_cookie=True, known_seq=known_seq))
             return actions
         self.session_required = True
         actions.append(
@@ -281,20 +231,28 @@ class ConnectionProtocol:
         return self._bad_message(ErrorCode.UNSUPPORTED_MESSAGE_TYPE, f"{description} is not supported")
 
     def on_text(self, text: str) -> list[Action]:
+        """A raw WebSocket text frame."""
         if self.closed:
             return []
         try:
             message = loads_strict(text)
         except ValueError:
             return self._bad_message(ErrorCode.INVALID_JSON, "Message is not valid JSON")
+        return self.on_message(message)
+
+    def on_message(self, message: Any) -> list[Action]:
+        """A message already parsed as strict JSON (`shared.codec.loads_strict`): a raw frame's,
+        or the argument of a Socket.IO "message" event, parsed once by its packet decoder."""
+        if self.closed:
+            return []
         if not isinstance(message, dict):
             return self._bad_message(ErrorCode.INVALID_JSON, "Message must be a JSON object")
         kind = message.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
-        if handler is None and kind in NOT_IMPLEMENTED:
-            if not (self._within_budget(ANY_MESSAGE) and self._within_budget(NOT_HERE)):
+        if handler is None and kind in UNSERVED_REQUESTS:
+            if not (self._within_budget(ANY_MESSAGE) and self._within_budget(NOT_IMPLEMENTED)):
                 return self._rate_limited(f"Too many {kind} messages; closing")
-            return [Send(not_implemented_reply(message))]
+            return [Send(unserved_reply(message))]
         if handler is None:
             shown = kind if isinstance(kind, str) else None
             return self._bad_message(
@@ -459,21 +417,21 @@ class ConnectionProtocol:
         return [Close(code, reason)]
 
 
-_HANDLERS: dict[str, Callable[[ConnectionProtocol, dict[str, Any]], list[Action]]] = {
-    "ping": ConnectionProtocol._on_ping,
-    "pong": ConnectionProtocol._on_silent,
-    "room_ping_response": ConnectionProtocol._on_silent,
-    "update_session": ConnectionProtocol._on_update_session,
-    "update_user_info": ConnectionProtocol._on_update_user_info,
-    "get_partial_applications": ConnectionProtocol._on_get_partial_applications,
-    "session_message": ConnectionProtocol._on_session_message,
-    "room_message": ConnectionProtocol._on_room_message,
-    "subscribe": ConnectionProtocol._on_subscribe,
-    "unsubscribe": ConnectionProtocol._on_unsubscribe,
+_HANDLERS: dict[str, Callable[[TabProtocol, dict[str, Any]], list[Action]]] = {
+    "ping": TabProtocol._on_ping,
+    "pong": TabProtocol._on_silent,
+    "room_ping_response": TabProtocol._on_silent,
+    "update_session": TabProtocol._on_update_session,
+    "update_user_info": TabProtocol._on_update_user_info,
+    "get_partial_applications": TabProtocol._on_get_partial_applications,
+    "session_message": TabProtocol._on_session_message,
+    "room_message": TabProtocol._on_room_message,
+    "subscribe": TabProtocol._on_subscribe,
+    "unsubscribe": TabProtocol._on_unsubscribe,
 }
 
 
-# -- request types of today's frontend that this service does not implement --------------------
+# -- request types of today's frontend that this service does not serve --------------------
 # Each gets an immediate error reply in the type and with the id field its client matches on,
 # instead of silence until the client's own 5 to 15 s timeout. The frontend falls back to REST
 # for create/delete only when the error message contains "timeout" (any other error is shown
@@ -483,7 +441,7 @@ _HANDLERS: dict[str, Callable[[ConnectionProtocol, dict[str, Any]], list[Action]
 _REST_FALLBACK = "Not available on this real-time server (timeout: use the REST endpoint)"
 _UNAVAILABLE = "Not available on this real-time server"
 # request type -> (reply type, message, the request field echoed inside `data` for matching)
-NOT_IMPLEMENTED: Final = {
+UNSERVED_REQUESTS: Final = {
     "create_simple_application": ("create_application_response", _REST_FALLBACK, None),
     "delete_partial_application": ("delete_application_response", _REST_FALLBACK, None),
     "get_free_time": ("free_time_response", _UNAVAILABLE, "buildingId"),
@@ -493,8 +451,8 @@ NOT_IMPLEMENTED: Final = {
 }
 
 
-def not_implemented_reply(message: dict[str, Any]) -> dict[str, Any]:
-    reply_type, text, echoed = NOT_IMPLEMENTED[message["type"]]
+def unserved_reply(message: dict[str, Any]) -> dict[str, Any]:
+    reply_type, text, echoed = UNSERVED_REQUESTS[message["type"]]
     data: dict[str, Any] = {"error": True, "status": "error", "message": text}
     if echoed is not None and isinstance(message.get(echoed), str | int | float):
         data[echoed] = message[echoed]
@@ -505,7 +463,7 @@ def not_implemented_reply(message: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-# -- frames the driver builds once it knows the room size -------------------------------------
+# -- messages the core builds once it knows the room size -----------------------------------
 
 
 def joined_messages(action: JoinSession, room_size: int) -> list[dict[str, Any]]:
