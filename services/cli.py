@@ -7,13 +7,12 @@ import asyncio
 import json
 import os
 import sys
+from typing import Any
 
+from services.stackstate import running_stack
 from shared.keys import SESSION_MESSAGES_CHANNEL
 from shared.protocol import is_valid_session_id, now_iso
 from shared.settings import server_problem
-
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class CommandError(Exception):
@@ -26,7 +25,27 @@ def fail(message: str) -> None:
 
 
 def _unreachable(what: str, url: str, exc: BaseException) -> CommandError:
-    return CommandError(f"{server_problem(what, url, exc)}; is the stack running (make run)?")
+    """One line; the hint about `make run` only where nothing answered at all (it misled on a
+    403 from the gateway, or on a wrong URL)."""
+    refused = (
+        isinstance(exc, ConnectionRefusedError)
+        or "Connect call failed" in str(exc)
+        or ("Connection refused" in str(exc))
+    )
+    hint = "; is the stack running (make run)?" if refused else ""
+    return CommandError(f"{server_problem(what, url, exc)}{hint}")
+
+
+def checked_url(name: str, url: str, schemes: tuple[str, ...]) -> str:
+    """A URL of the right kind, or one line naming the variable (`REDIS_URL=foo` printed a
+    ValueError's traceback)."""
+    from urllib.parse import urlsplit
+
+    from shared.settings import redact_url
+
+    if urlsplit(url).scheme not in schemes:
+        raise CommandError(f"{name} must be a {'/'.join(schemes)} URL, got {redact_url(url)!r}")
+    return url
 
 
 async def publish_trigger(redis_url: str, session_id: str) -> int:
@@ -81,14 +100,31 @@ async def add_application(database_url: str, session_id: str, name: str) -> int:
 
 async def listen(url: str, session_id: str | None, origin: str | None) -> None:
     from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
 
     headers = {"Cookie": f"bookingfrontendsession={session_id}"} if session_id else {}
     try:
         ws = await connect(url, additional_headers=headers, origin=origin, proxy=None, open_timeout=5)  # type: ignore[arg-type]
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        why = {403: "the Origin is not allowed (--origin)", 503: "it is draining or full"}.get(status, "")
+        raise CommandError(
+            f"the gateway at {url} refused the connection: HTTP {status} {why}".rstrip()
+        ) from None
     except Exception as exc:
         raise _unreachable("the gateway", url, exc) from None
     async with ws:
         print(f"connected to {url}", file=sys.stderr)
+        await _print_messages(ws)
+    # It used to exit silently when the stack stopped; say why, and fail.
+    code, reason = ws.close_code, ws.close_reason
+    raise CommandError(f"the gateway closed the connection (code {code}{': ' + reason if reason else ''})")
+
+
+async def _print_messages(ws: Any) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    try:
         async for raw in ws:
             message = json.loads(raw)
             if message.get("type") == "partial_applications_response" and isinstance(
@@ -103,6 +139,8 @@ async def listen(url: str, session_id: str | None, origin: str | None) -> None:
                 )
             else:
                 print(raw, flush=True)
+    except ConnectionClosed:
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,12 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("session_id")
     add.add_argument("--name", default="Demo booking")
     watch = commands.add_parser("listen", help="connect like a browser tab and print what arrives")
-    watch.add_argument("url", nargs="?", default="ws://127.0.0.1:8080/wss")
+    watch.add_argument("url", nargs="?", help="default: the running local stack's first gateway")
     watch.add_argument("--session", help="session id sent as the bookingfrontendsession cookie")
     watch.add_argument("--origin", help="Origin header to send (default: none)")
     args = parser.parse_args(argv)
 
-    redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS)
     if args.command == "stack":
         from services.devstack import run_stack
 
@@ -138,29 +175,40 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("trigger", "add-application") and not is_valid_session_id(args.session_id):
         parser.error("session_id must be 1-128 characters of A-Z, a-z, 0-9, ',' and '-'")
     try:
-        run_command(args, redis_url)
+        run_command(args)
     except CommandError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         pass
 
 
-def run_command(args: argparse.Namespace, redis_url: str) -> None:
+def run_command(args: argparse.Namespace) -> None:
+    """Defaults come from the running local stack (`services/stackstate.py`): `make run` may
+    have taken other ports than 6390 and 5440, and the CLI's own defaults used to be 6379 and
+    5432, so the README's commands missed the stack."""
+    stack = running_stack()
+    redis_url = checked_url(
+        "REDIS_URL", os.environ.get("REDIS_URL") or stack["redis_url"], ("redis", "rediss", "unix")
+    )
     if args.command == "trigger":
         receivers = asyncio.run(publish_trigger(redis_url, args.session_id))
         _check_heard(receivers, redis_url)
         print(f"published update_partial_applications ({receivers} fetcher(s) listening)")
     elif args.command == "add-application":
-        app_id = asyncio.run(
-            add_application(os.environ.get("DATABASE_URL", DEFAULT_DATABASE), args.session_id, args.name)
+        database_url = checked_url(
+            "DATABASE_URL",
+            os.environ.get("DATABASE_URL") or stack["database_url"],
+            ("postgresql", "postgres"),
         )
+        app_id = asyncio.run(add_application(database_url, args.session_id, args.name))
         receivers = asyncio.run(publish_trigger(redis_url, args.session_id))
         _check_heard(receivers, redis_url, f"added application {app_id}, but ")
         print(
             f"added application {app_id}; published update_partial_applications ({receivers} fetcher(s) listening)"
         )
     elif args.command == "listen":
-        asyncio.run(listen(args.url, args.session, args.origin))
+        url = checked_url("the URL", args.url or stack["gateways"][0], ("ws", "wss"))
+        asyncio.run(listen(url, args.session, args.origin))
 
 
 def _check_heard(receivers: int, redis_url: str, prefix: str = "") -> None:

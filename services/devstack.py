@@ -14,19 +14,22 @@ redis-server first (six warnings from the services), and SIGHUP leaked both serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import asyncpg
 
-from services.localservers import LocalPostgres, LocalRedis, free_port
+from services.localservers import LocalPostgres, LocalRedis, PortTaken, ServerUnavailable, free_port
+from services.stackstate import RUN_DIR, STATE_FILE, write_state
 from shared.settings import server_problem
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "deploy" / "sql"
@@ -59,17 +62,23 @@ async def ensure_schema(database_url: str) -> bool:
         await conn.close()
 
 
-def _wait_ready(url: str, timeout: float, stopping: Callable[[], bool]) -> bool:
+def _wait_ready(
+    url: str, timeout: float, stopping: Callable[[], bool], child: subprocess.Popen[bytes]
+) -> str | None:
+    """None once `url` answers 200; else why not: the child exited (a configuration error, its
+    message printed above it), or the timeout passed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stopping():
+        if child.poll() is not None:
+            return f"exited with code {child.returncode} before it was ready (its message is above)"
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
-                    return True
+                    return None
         except OSError:
             pass
         time.sleep(0.2)
-    return False
+    return None if stopping() else f"not ready after {timeout:.0f}s: {url}"
 
 
 class StackError(Exception):
@@ -106,23 +115,64 @@ def run_stack() -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
     try:
-        return _run_stack(lambda: stop)
-    except StackError as exc:
+        with stack_lock():
+            return _run_stack(lambda: stop)
+    except (StackError, ServerUnavailable) as exc:
         print(f"portico-push stack: {exc}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def stack_lock() -> Iterator[None]:
+    """One local stack per user at a time. Two `make run` started together raced for the same
+    ports: the second printed pg_ctl's traceback, left a 39 MB /tmp/portico-pg-* behind, and
+    reported "started Redis" on the first one's port. The second now says so in one line."""
+    RUN_DIR.mkdir(mode=0o700, exist_ok=True)
+    lock = (RUN_DIR / "stack.lock").open("a+")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            other = lock.read().strip() or "?"
+            raise StackError(
+                f"another local stack is running (pid {other}); stop it first (Ctrl-C in its terminal), "
+                "or point this one at servers of its own with REDIS_URL and DATABASE_URL"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            STATE_FILE.unlink(missing_ok=True)
+    finally:
+        lock.close()
+
+
+def _start_server(
+    make: Callable[[int], LocalRedis | LocalPostgres], preferred: int
+) -> LocalRedis | LocalPostgres:
+    """A server on `preferred` if free, else on a free port; once more elsewhere if the port was
+    taken between the check and the bind."""
+    try:
+        return make(_port_or_free(preferred)).start()
+    except PortTaken:
+        return make(free_port()).start()
 
 
 def _run_stack(stopping: Callable[[], bool]) -> int:
     with ExitStack() as cleanup:
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
-            redis = LocalRedis(_port_or_free(6390)).start()
+            redis = _start_server(LocalRedis, 6390)
             cleanup.callback(redis.cleanup)
             redis_url = redis.url
             print(f"started Redis at {redis_url}")
         database_url = os.environ.get("DATABASE_URL")
         if not database_url:
-            postgres = LocalPostgres(_port_or_free(5440)).start()
+            postgres = _start_server(LocalPostgres, 5440)
             cleanup.callback(postgres.cleanup)
             database_url = postgres.url
             print(f"started PostgreSQL at {database_url}")
@@ -157,32 +207,45 @@ def _run_stack(stopping: Callable[[], bool]) -> int:
         base_env["ALLOWED_ORIGINS"] = os.environ.get(
             "ALLOWED_ORIGINS", f"http://127.0.0.1:{demo_port},http://localhost:{demo_port}"
         )
-        health: list[str] = []
+        health: list[tuple[str, str, subprocess.Popen[bytes]]] = []  # (name, ready URL, process)
 
-        def spawn(module: str, env: dict[str, str], ready_url: str) -> None:
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", module], env={**base_env, **env}, start_new_session=True
-                )
+        def spawn(name: str, module: str, env: dict[str, str], ready_url: str) -> None:
+            child = subprocess.Popen(
+                [sys.executable, "-m", module], env={**base_env, **env}, start_new_session=True
             )
-            health.append(ready_url)
+            children.append(child)
+            health.append((name, ready_url, child))
 
-        for n, preferred in enumerate(FETCHER_PORTS, 1):
-            port = _port_or_free(preferred)
+        fetchers = [_port_or_free(preferred) for preferred in FETCHER_PORTS]
+        for n, port in enumerate(fetchers, 1):
             env = {"FETCHER_PORT": str(port), "FETCHER_ID": f"fetcher-{n}"}
-            spawn("services.fetcher.main", env, f"http://127.0.0.1:{port}/readyz")
+            spawn(f"fetcher-{n}", "services.fetcher.main", env, f"http://127.0.0.1:{port}/readyz")
         gateways = [_port_or_free(preferred) for preferred in GATEWAY_PORTS]
         for n, port in enumerate(gateways, 1):
             env = {"GATEWAY_PORT": str(port), "GATEWAY_ID": f"gateway-{n}"}
-            spawn("services.gateway.main", env, f"http://127.0.0.1:{port}/readyz")
-        env = {"DEMO_PORT": str(demo_port), "DEMO_GATEWAYS": ",".join(f":{p}" for p in gateways)}
-        spawn("services.demo.app", env, f"http://127.0.0.1:{demo_port}/api/config")
-        for url in health:
-            if not _wait_ready(url, 30, stopping):
-                if stopping():
-                    return 0
-                print(f"not ready after 30s: {url}", file=sys.stderr)
+            spawn(f"gateway-{n}", "services.gateway.main", env, f"http://127.0.0.1:{port}/readyz")
+        env = {
+            "DEMO_PORT": str(demo_port),
+            "DEMO_GATEWAYS": ",".join(f":{p}" for p in gateways),
+            "DEMO_SESSION": os.environ.get("DEMO_SESSION", "demo-session-1"),  # the README's visitor
+        }
+        spawn("the demo page", "services.demo.app", env, f"http://127.0.0.1:{demo_port}/api/config")
+        for name, url, child in health:
+            problem = _wait_ready(url, 30, stopping, child)
+            if stopping():
+                return 0
+            if problem is not None:
+                print(f"portico-push stack: {name} {problem}", file=sys.stderr)
                 return 1
+        write_state(
+            {
+                "redis_url": redis_url,
+                "database_url": database_url,
+                "gateways": [f"ws://127.0.0.1:{port}/wss" for port in gateways],
+                "fetchers": [f"http://127.0.0.1:{port}" for port in fetchers],
+                "demo": f"http://127.0.0.1:{demo_port}/",
+            }
+        )
 
         cli = f"{Path(sys.executable).parent}/portico-push"
         print(
@@ -191,6 +254,10 @@ def _run_stack(stopping: Callable[[], bool]) -> int:
             + "".join(
                 f"  gateway   ws://127.0.0.1:{p}/wss   (health http://127.0.0.1:{p}/readyz)\n"
                 for p in gateways
+            )
+            + "".join(
+                f"  fetcher   http://127.0.0.1:{p}/readyz   (metrics http://127.0.0.1:{p}/metrics)\n"
+                for p in fetchers
             )
             + "\nWatch a visitor's cart in two 'tabs', one per gateway (two terminals):\n"
             + f"  {cli} listen ws://127.0.0.1:{gateways[0]}/wss --session demo-session-1\n"

@@ -19,7 +19,28 @@ from pathlib import Path
 
 
 class ServerUnavailable(RuntimeError):
-    """No binary for the server could be found."""
+    """No binary for the server could be found, or the server would not start (says why)."""
+
+
+class PortTaken(ServerUnavailable):
+    """Another process listens on the port this server was to take."""
+
+
+def _redis_pid_is(port: int, pid: int) -> bool:
+    """Whether the Redis answering on `port` is process `pid` (INFO server's process_id)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            conn.sendall(b"INFO server\r\n")
+            reply = b""
+            while b"process_id:" not in reply or not reply.split(b"process_id:", 1)[1].count(b"\r\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:
+        return False
+    found = reply.split(b"process_id:", 1)
+    return len(found) == 2 and found[1].split(b"\r\n", 1)[0].strip() == str(pid).encode()
 
 
 def free_port() -> int:
@@ -107,6 +128,12 @@ class LocalRedis:
             start_new_session=True,
         )
         _wait_port(self.port, 10, "redis-server")
+        # The port may have been taken between the check and the bind (two `make run` started
+        # together): then something else answers there, and this server has exited.
+        if self._proc.poll() is not None or not _redis_pid_is(self.port, self._proc.pid):
+            self.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise PortTaken(f"port {self.port} is taken by another Redis")
         return self
 
     def stop(self) -> None:
@@ -166,6 +193,25 @@ class LocalPostgres:
         )  # type: ignore[call-overload]
 
     def start(self) -> LocalPostgres:
+        """Start it; on failure (the port taken meanwhile, initdb refused) its directory is
+        removed and ServerUnavailable says why in one line (pg_ctl's traceback helped no one)."""
+        try:
+            return self._start()
+        except subprocess.CalledProcessError as exc:
+            log = Path(self.dir, "log")
+            lines = [
+                line
+                for line in (log.read_text(errors="replace") if log.exists() else "").splitlines()
+                if line
+            ]
+            stderr = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+            detail = lines[-1] if lines else (stderr[-1] if stderr else "pg_ctl failed")
+            taken = "could not bind" in "\n".join(lines) or "already in use" in "\n".join(lines)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            kind = PortTaken if taken else ServerUnavailable
+            raise kind(f"PostgreSQL did not start on port {self.port}: {detail}") from None
+
+    def _start(self) -> LocalPostgres:
         if not os.path.exists(os.path.join(self.data, "PG_VERSION")):
             self._run(
                 str(self.bin / "initdb"),

@@ -176,6 +176,11 @@ class FetcherMetrics:
         self.triggers_unheld = Counter(
             f"{ns}_triggers_unheld_total", "Triggers for sessions no gateway holds", registry=r
         )
+        self.events_dropped = Counter(
+            f"{ns}_events_dropped_total",
+            "Events left out, oldest first, because a session's or room's queue was full",
+            registry=r,
+        )
         self.requests = _with_labels(
             Counter(f"{ns}_requests_total", "Requests from gateways by kind", ["kind"], registry=r),
             *REQUEST_KINDS,

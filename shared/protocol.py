@@ -62,7 +62,13 @@ CLIENT_MESSAGE_TYPES: Final = frozenset(
 BUDGET_ANY: Final = "any"  # every message
 BUDGET_NEW_SESSION: Final = "new_session"  # update_session to an id other than the current one
 BUDGET_NOT_IMPLEMENTED: Final = "not_implemented"  # the unserved request types, together
-BUDGET_NAMES: Final = CLIENT_MESSAGE_TYPES | {BUDGET_ANY, BUDGET_NEW_SESSION, BUDGET_NOT_IMPLEMENTED}
+BUDGET_CONNECT: Final = "connect"  # a Socket.IO CONNECT again on the same Engine.IO session
+BUDGET_NAMES: Final = CLIENT_MESSAGE_TYPES | {
+    BUDGET_ANY,
+    BUDGET_NEW_SESSION,
+    BUDGET_NOT_IMPLEMENTED,
+    BUDGET_CONNECT,
+}
 
 
 def is_valid_session_id(value: object) -> bool:

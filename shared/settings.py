@@ -303,7 +303,8 @@ class FetcherSettings:
             ),
             db_pool_size=env.integer("DB_POOL_SIZE", concurrency, low=1, high=1000),
             db_timeout_seconds=env.number("DB_TIMEOUT_SECONDS", 5.0, low=0.1, high=600.0),
-            max_payload_bytes=env.integer("MAX_PAYLOAD_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
+            # An event must fit in one message on a gateway's channel (shared.envelopes.MAX_MESSAGE_BYTES).
+            max_payload_bytes=env.integer("MAX_PAYLOAD_BYTES", 1024 * 1024, low=1024, high=3 * 1024 * 1024),
             log_level=_log_level(env),
         )
 

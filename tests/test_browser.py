@@ -191,3 +191,32 @@ async def test_a_foreign_page_cannot_read_the_cart_with_the_visitors_cookie(brow
     finally:
         server.should_exit = True
         await task
+
+
+async def test_a_closed_browser_leaves_no_profile_behind():
+    """Bug: each browser test run left two /tmp/portico-chromium-* profiles: Chromium's helper
+    processes outlived the browser and wrote the profile again after it was removed."""
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    browser = await Browser(binary).start()
+    profile = Path(browser.profile)
+    tab = await browser.new_tab("about:blank")
+    assert tab is not None and profile.is_dir()
+    assert processes_using(profile), "Chromium and its helpers name the profile"
+    await browser.close()
+    assert processes_using(profile) == [], "no helper is left to write the profile again"
+    await asyncio.sleep(1)
+    assert not profile.exists()
+
+
+def processes_using(profile: Path) -> list[int]:
+    """Pids of the processes started with `--user-data-dir=<profile>` (Chromium's helpers too)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"--user-data-dir={profile}".encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass  # gone meanwhile
+    return found

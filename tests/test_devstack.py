@@ -3,6 +3,7 @@ signals, and the one line a mistake deserves."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -108,3 +109,143 @@ def test_a_trigger_nobody_hears_is_a_failure(redis_url, prefix):
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert "no fetcher is listening" in line
+
+
+def _stack(run_dir: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(BIN / "portico-push"), "stack"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**ENV, "LOG_LEVEL": "WARNING", "PORTICO_RUN_DIR": str(run_dir), **env},
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_bad_setting_stops_the_local_stack_at_once_with_the_reason(tmp_path: Path):
+    """Bug: `make run` with a bad setting printed the configuration error at once, then waited
+    30 s and ended with a misleading "not ready after 30s", although every child had already
+    exited with 2. It now stops as soon as a child exits, naming it, and leaves nothing behind."""
+    before = _server_dirs()
+    started = time.monotonic()
+    stack = _stack(tmp_path, OUTBOX_FRAMES="1")
+    out, _ = stack.communicate(timeout=60)
+    assert stack.returncode == 1, out
+    assert time.monotonic() - started < 20, "not after a 30 s wait"
+    assert "OUTBOX_FRAMES must be between 2 and 10000" in out
+    assert re.search(r"portico-push stack: (gateway|fetcher)-\d exited with code 2", out), out
+    assert "not ready after" not in out and "Traceback" not in out
+    assert _server_dirs() - before == set()
+
+
+@pytest.mark.slow
+def test_a_second_local_stack_says_so_in_one_line_and_leaves_nothing(tmp_path: Path):
+    """Bug: two `make run` started together: the second printed a 20-line pg_ctl traceback,
+    left a 39 MB /tmp/portico-pg-* behind and reported "started Redis" on the first one's port
+    (it checked the port, then bound it). Now one stack runs per user: the second says so in
+    one line, exits 1, starts nothing and leaves nothing; the first runs on."""
+    first = _stack(tmp_path)
+    try:
+        assert first.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = first.stdout.readline()
+            if not line or "Ctrl-C stops everything" in line:
+                break
+        before = _server_dirs()
+        second = _stack(tmp_path)
+        out, _ = second.communicate(timeout=30)
+        assert second.returncode == 1
+        [line] = out.strip().splitlines()
+        assert line.startswith("portico-push stack: another local stack is running (pid ")
+        assert _server_dirs() == before
+        state = json.loads((tmp_path / "stack.json").read_text())
+        assert first.poll() is None and state["gateways"] and state["fetchers"]
+        # The demo page's new visitor is the README's `demo-session-1` (it was a random id, so
+        # the README's terminal commands never changed the page it showed).
+        import urllib.request
+
+        with urllib.request.urlopen(state["demo"], timeout=10) as page:
+            assert "bookingfrontendsession=demo-session-1" in page.headers["set-cookie"]
+        # The CLI finds the running stack from its state file, whatever ports it took.
+        result = _cli("trigger", "demo-session-1", PORTICO_RUN_DIR=str(tmp_path))
+        assert result.returncode == 0, result.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGINT)
+        first.communicate(timeout=60)
+    assert not (tmp_path / "stack.json").exists(), "the state file goes with the stack"
+
+
+def test_a_server_whose_port_was_taken_meanwhile_says_so_and_leaves_nothing():
+    """The race behind the second stack: a server started on a port another one took between
+    the check and the bind. Redis answered "started" on the other's port; PostgreSQL raised
+    pg_ctl's traceback and left its directory. Both now raise PortTaken, cleaned up."""
+    from services.localservers import LocalPostgres, LocalRedis, PortTaken
+
+    redis = LocalRedis().start()
+    postgres = LocalPostgres().start()
+    try:
+        before = _server_dirs()
+        with pytest.raises(PortTaken, match=f"port {redis.port} is taken"):
+            LocalRedis(redis.port).start()
+        with pytest.raises(PortTaken, match=f"PostgreSQL did not start on port {postgres.port}"):
+            LocalPostgres(postgres.port).start()
+        assert _server_dirs() - before == set()
+    finally:
+        redis.cleanup()
+        postgres.cleanup()
+
+
+async def _acli(*args: str, **env: str) -> tuple[int, str]:
+    """The CLI run beside the test's own event loop (the gateways under test live in it)."""
+    import asyncio
+
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "portico-push"), *args, stderr=asyncio.subprocess.PIPE, env={**ENV, **env}
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+@pytest.mark.anyio
+async def test_cli_urls_and_refusals_are_one_line_with_the_right_hint(small_stack):
+    """Bug: `REDIS_URL=foo portico-push trigger` printed a traceback, and the hint "is the stack
+    running (make run)?" was added to a 403 and to a wrong URL scheme, where it misled."""
+    code, err = await _acli("trigger", "someSession1", REDIS_URL="foo")
+    assert code == 1 and err.strip() == "portico-push: REDIS_URL must be a redis/rediss/unix URL, got 'foo'"
+    code, err = await _acli("listen", "http://127.0.0.1:1/wss")
+    assert code == 1 and "ws/wss URL" in err and "make run" not in err
+    code, err = await _acli("listen", small_stack.gateways[0].url, "--origin", "https://evil.example")
+    assert code == 1
+    [line] = err.strip().splitlines()
+    assert "HTTP 403" in line and "make run" not in line
+    code, err = await _acli("listen", "ws://127.0.0.1:1/wss")
+    assert code == 1 and "is the stack running (make run)?" in err
+
+
+@pytest.mark.anyio
+async def test_listen_says_why_when_the_gateway_goes_away(small_stack):
+    """Bug: `portico-push listen` exited silently (status 0) when the stack stopped."""
+    import asyncio
+
+    gateway = small_stack.gateways[0]
+    listener = await asyncio.create_subprocess_exec(
+        str(BIN / "portico-push"),
+        "listen",
+        gateway.url,
+        "--session",
+        "someSession1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=ENV,
+    )
+    assert listener.stderr is not None
+    assert b"connected to" in await asyncio.wait_for(listener.stderr.readline(), 10)
+    await gateway.stop()
+    small_stack.gateways.remove(gateway)
+    await asyncio.wait_for(listener.wait(), 15)
+    rest = (await listener.stderr.read()).decode()
+    assert listener.returncode == 1
+    assert "the gateway closed the connection (code 1001" in rest, rest

@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 
+import httpx
 import msgpack
 import pytest
 import redis.asyncio as aioredis
@@ -188,8 +189,8 @@ async def test_redis_payloads_cannot_impersonate_the_server_or_leak_session_ids(
 async def test_made_up_session_ids_are_rate_limited_and_leave_nothing_for_long(small_stack: Stack, redis_url):
     """Bug: `update_session` in a loop with made-up ids (no cookie, no Origin needed) cost one
     SQL query and one Redis key with a 24 h TTL per frame: 2000 frames, 2000 queries in 3.5 s
-    and 2000 keys. Now the socket is closed 1008 after its session-change budget, and the seq
-    key of a session lives 15 minutes at most."""
+    and 2000 keys. Now the socket is closed 1008 after its session-change budget, the seq key of
+    a session lives 15 minutes at most, and an empty cart's snapshot 5 minutes."""
     tab = await Tab.open(small_stack.gateways[0].url)
     for n in range(50):
         try:
@@ -208,6 +209,11 @@ async def test_made_up_session_ids_are_rate_limited_and_leave_nothing_for_long(s
         assert 1 <= len(keys) <= 3
         for key in keys:
             assert 0 < await client.pttl(key) <= 15 * 60 * 1000
+        # Their carts are empty: snapshots of those live 5 minutes, not CART_SNAPSHOT_TTL (1 h).
+        snapshots = [k async for k in client.scan_iter(f"{small_stack.prefix}session:*:cart")]
+        assert 1 <= len(snapshots) <= 3
+        for key in snapshots:
+            assert 0 < await client.pttl(key) <= 5 * 60 * 1000
     finally:
         await client.aclose()
 
@@ -349,3 +355,95 @@ async def test_same_origin_behind_a_tls_proxy_needs_https(small_stack: Stack):
         plain.url, origin=origin, additional_headers={"X-Forwarded-Proto": "https"}, proxy=None
     )  # type: ignore[arg-type]
     await ws.close()
+
+
+async def _closed_within(loop: asyncio.AbstractEventLoop, sock: socket.socket, seconds: float) -> bool:
+    """Whether the gateway ended the connection within `seconds` (EOF or a reset)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await loop.sock_recv(sock, 65536):
+                pass  # a response (431) before the close is fine
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def test_every_request_on_a_connection_must_arrive_whole_in_time(small_stack: Stack):
+    """Bug: the handshake deadline covered only a connection's first request head. A stalled
+    second head on a keep-alive connection, and a POST announcing `Content-Length: 60000` that
+    sent one byte, were still open after 70 s. Every request (head and body) must now arrive
+    within HANDSHAKE_TIMEOUT_SECONDS of its first byte."""
+    running = await small_stack.add_gateway(handshake_timeout_seconds=1.0)
+    loop = asyncio.get_running_loop()
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    stalled_second_head = socket.socket()
+    stalled_body = socket.socket()
+    for sock in (stalled_second_head, stalled_body):
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", running.port))
+    try:
+        await loop.sock_sendall(stalled_second_head, head)
+        first = await asyncio.wait_for(loop.sock_recv(stalled_second_head, 4096), 5)
+        assert first.startswith(b"HTTP/1.1 200"), "the first request is served"
+        await loop.sock_sendall(stalled_second_head, b"GET /healthz HTTP/1.1\r\nHo")  # and no more
+        post = b"POST /socket.io/?EIO=4&transport=polling&sid=x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        await loop.sock_sendall(stalled_body, post + b"Content-Length: 60000\r\n\r\nx")
+        started = time.monotonic()
+        assert await _closed_within(loop, stalled_second_head, 1.0 + 5)
+        assert await _closed_within(loop, stalled_body, 1.0 + 5)
+        assert time.monotonic() - started < 1.0 + 5
+    finally:
+        stalled_second_head.close()
+        stalled_body.close()
+    # The deadline is per request, not per connection: a keep-alive connection that keeps
+    # sending whole requests stays up past it.
+    async with httpx.AsyncClient() as client:
+        for _ in range(3):
+            assert (await client.get(running.http + "/healthz")).status_code == 200
+            await asyncio.sleep(0.6)
+
+
+async def test_request_heads_over_64_kib_are_refused_and_cost_nothing_after(small_stack: Stack):
+    """Bug: request heads had no size limit, and an Engine.IO session kept its whole handshake
+    scope: 25 handshakes with a 4 MB header added 76 MiB. A head over 64 KiB now gets 431 and
+    its connection is closed, whether it arrives at once or slowly; an Engine.IO session keeps
+    only the headers it needs."""
+    running = await small_stack.add_gateway()
+    loop = asyncio.get_running_loop()
+    for pace in ("at once", "slowly"):
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", running.port))
+        try:
+            request = b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+            await loop.sock_sendall(sock, request)
+            chunk = b"a" * (16 * 1024)
+            for _ in range(256):  # 4 MiB of header value, unless refused first
+                try:
+                    await loop.sock_sendall(sock, chunk)
+                except (ConnectionResetError, BrokenPipeError):
+                    break
+                if pace == "slowly":
+                    await asyncio.sleep(0.001)
+            answer = b""
+            try:
+                async with asyncio.timeout(5):
+                    while data := await loop.sock_recv(sock, 4096):
+                        answer += data
+            except ConnectionResetError:
+                pass
+            assert answer.startswith(b"HTTP/1.1 431") or answer == b"", (pace, answer[:60])
+        finally:
+            sock.close()
+    assert not running.socketio.engine.sessions, "no session was opened for them"
+    async with httpx.AsyncClient() as client:
+        opened = await client.get(
+            running.http + "/socket.io/?EIO=4&transport=polling",
+            headers={"Cookie": "bookingfrontendsession=" + SID, "X-Other": "y" * 30_000},
+        )
+        assert opened.status_code == 200
+    [session] = running.socketio.engine.sessions.values()
+    kept = dict(session.scope["headers"])
+    assert b"x-other" not in kept and kept[b"cookie"].endswith(SID.encode())

@@ -13,6 +13,7 @@ import pytest
 import websockets
 
 from tests.support.data import add_application
+from tests.support.metrics import metric_value
 from tests.support.stack import Stack, trigger
 from tests.support.tabs import Tab
 from tests.support.waiting import eventually
@@ -151,6 +152,35 @@ async def test_a_dropped_transport_reconnects_to_the_current_cart(stack: Stack, 
         await eventually(lambda: carts(tab)[-1]["count"] == 2, 10, what="the current cart")
     finally:
         await tab.close()
+
+
+async def test_connection_state_recovery_happens_with_the_real_client(stack: Stack, db, redis_url):
+    """Bug: recovery never happened with socket.io-client 4.8: the CONNECT reply had no `pid`, and
+    the client sends `{pid, offset}` back only when it got one, so every reconnect re-sent the
+    cart (the tests sent `40{"offset":...}` by hand). With the real client: a tab that comes back
+    with the offset of the cart it shows is not sent that cart again."""
+    from tests.support.sio_tabs import SioTab
+
+    await add_application(db, SID)
+    gateway = stack.gateways[0]
+    other = await SioTab.open(gateway.http, session=SID, transports="websocket")
+    tab = await SioTab.open(gateway.http, session=SID, transports="websocket")
+    try:
+        await other.wait_for("partial_applications_response")
+        [cart] = await tab.wait_for("partial_applications_response")
+        assert cart["_offset"] == str(cart["data"]["seq"])
+        recovered = metric_value(gateway.gateway.metrics.carts_recovered)
+        await tab.drop_transport()
+        await tab.wait_event("connect", 2)
+        await eventually(lambda: metric_value(gateway.gateway.metrics.carts_recovered) > recovered, 5)
+        await asyncio.sleep(0.5)  # room for a second copy, were one sent
+        assert len(carts(tab)) == 1, "the cart it shows was not sent again"
+        await add_application(db, SID)
+        await trigger(redis_url, SID)
+        await eventually(lambda: carts(tab)[-1]["count"] == 2, 10, what="the next change")
+    finally:
+        await tab.close()
+        await other.close()
 
 
 async def test_a_malformed_packet_closes_only_its_own_session(stack: Stack, db, redis_url):

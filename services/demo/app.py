@@ -33,7 +33,11 @@ NAMES = ["Korpsøving", "Bursdagsfeiring", "Styremøte", "Håndballtrening", "Ko
 DEMO_ROOM = {"entityType": "resource", "entityId": 1}
 
 
-def create_app(database_url: str, redis_url: str, gateways: list[str]) -> Starlette:
+def create_app(
+    database_url: str, redis_url: str, gateways: list[str], *, visitor: str | None = None
+) -> Starlette:
+    """`visitor`: the session a new visitor gets (the local stack's is `demo-session-1`, the one
+    the README's terminal commands change); None: a new session per new visitor, as PHP does."""
     pool: asyncpg.Pool | None = None
     client: aioredis.Redis | None = None
 
@@ -67,7 +71,8 @@ def create_app(database_url: str, redis_url: str, gateways: list[str]) -> Starle
     async def page(request: Request) -> Response:
         response = HTMLResponse((STATIC / "index.html").read_text())
         if session_of(request) is None:  # like PHP's session_start(): a new visitor, a new cart
-            response.set_cookie(COOKIE, secrets.token_hex(16), httponly=True, samesite="lax", path="/")
+            sid = visitor or secrets.token_hex(16)
+            response.set_cookie(COOKIE, sid, httponly=True, samesite="lax", path="/")
         return response
 
     async def static(request: Request) -> Response:
@@ -215,6 +220,7 @@ def main() -> None:
         os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         gateways,
+        visitor=os.environ.get("DEMO_SESSION") or None,
     )
     uvicorn.run(
         app,

@@ -61,17 +61,22 @@ return result
 """
 )
 
-# KEYS: (seq key, cart key) per session. ARGV[1]: ttl ms, then (seq, snapshot) per session.
+# KEYS: (seq key, cart key) per session. ARGV: (seq, snapshot, ttl ms) per session.
 _COMMIT = """
 local stored = 0
 for i = 1, #KEYS / 2 do
-  if redis.call('GET', KEYS[2 * i - 1]) == ARGV[2 * i] then
-    redis.call('SET', KEYS[2 * i], ARGV[2 * i + 1], 'PX', ARGV[1])
+  if redis.call('GET', KEYS[2 * i - 1]) == ARGV[3 * i - 2] then
+    redis.call('SET', KEYS[2 * i], ARGV[3 * i - 1], 'PX', ARGV[3 * i])
     stored = stored + 1
   end
 end
 return stored
 """
+# An empty cart is what a made-up session id reads (a hostile tab's `update_session` to new ids,
+# each kept an hour before budgets bounded them): its snapshot lives only long enough to serve a
+# deploy's reconnecting tabs without SQL (they are back within DRAIN_SECONDS). Most visitors'
+# carts are empty, so it is kept, not skipped: a drain would otherwise re-read every one of them.
+EMPTY_SNAPSHOT_TTL_MS = 5 * 60 * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +155,14 @@ class CartState:
         if not fresh or not self.snapshots:
             return False
         keys: list[str] = []
-        args: list[Any] = [self._snapshot_ttl_ms]
+        args: list[Any] = []
+        empty_ttl = min(self._snapshot_ttl_ms, EMPTY_SNAPSHOT_TTL_MS)
         for session, snapshot in fresh:
             keys += [self._keys.session_seq(session), self._keys.session_cart(session)]
-            args += [str(snapshot.seq), snapshot.pack()]
+            args += [
+                str(snapshot.seq),
+                snapshot.pack(),
+                empty_ttl if snapshot.count == 0 else self._snapshot_ttl_ms,
+            ]
         pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
         return True

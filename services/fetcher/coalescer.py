@@ -28,7 +28,11 @@ from shared.envelopes import GET, JOIN
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GET", "JOIN", "SessionWork", "WorkCoalescer"]
+__all__ = ["GET", "JOIN", "MAX_QUEUED_EVENTS", "MAX_QUEUED_EVENT_BYTES", "SessionWork", "WorkCoalescer"]
+
+# What one lane (a session, a room) may hold of events while it waits; beyond, the oldest go.
+MAX_QUEUED_EVENTS = 100
+MAX_QUEUED_EVENT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -43,6 +47,19 @@ class SessionWork:
     received_at: float | None = None  # wall-clock arrival of the oldest trigger merged in
     attempt: int = 0  # retries after database errors
     route: str | None = None  # a `room:` route or the broadcast: events only, no cart
+    dropped: int = 0  # events left out because the queue of this lane was full (oldest first)
+
+    def _bound_events(self) -> None:
+        """Keep the newest events within MAX_QUEUED_EVENTS and MAX_QUEUED_EVENT_BYTES: while a
+        lane waits (its previous fetch still running, the database slow), events merge into its
+        work, and 40 events of 1000 KiB became one 36 MiB publish; Redis disconnected the
+        gateway's subscription (`client-output-buffer-limit pubsub 32mb`) and every event for
+        that gateway was lost until it resubscribed. An event is news, a cart is state: the
+        oldest events go first, never the cart."""
+        size = sum(len(text) for text in self.events)
+        while self.events and (len(self.events) > MAX_QUEUED_EVENTS or size > MAX_QUEUED_EVENT_BYTES):
+            size -= len(self.events.pop(0))
+            self.dropped += 1
 
     @property
     def lane(self) -> str:
@@ -54,6 +71,8 @@ class SessionWork:
         self.refresh_gateways |= other.refresh_gateways
         self.requests.extend(other.requests)
         self.events.extend(other.events)
+        self.dropped += other.dropped
+        self._bound_events()
         if other.received_at is not None:
             self.received_at = min(self.received_at or other.received_at, other.received_at)
         self.attempt = max(self.attempt, other.attempt)

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -68,6 +69,8 @@ SHAPE_ERROR_MESSAGE = "Could not read partial applications; please try again lat
 # Back-off of a retried session (after an error cart, or work that failed), seconds; the last
 # value repeats for as long as a gateway holds the session: no give-up while tabs show an error.
 RETRY_DELAYS = (1, 2, 4, 8, 15, 30)
+# What one pipeline publishes at most (see `_commit_and_publish`); a single message is never cut.
+PIPELINE_BYTES = 8 * 1024 * 1024
 
 
 class Fetcher:
@@ -299,6 +302,14 @@ class Fetcher:
     async def _run_batch(self, works: list[SessionWork]) -> None:
         sessions = []
         for work in works:
+            if work.dropped:
+                self.metrics.events_dropped.inc(work.dropped)
+                log.warning(
+                    "%s: %d event(s) left out, its queue was full (oldest first)",
+                    mask_session_id(work.lane) if not work.route else work.route,
+                    work.dropped,
+                )
+                work.dropped = 0
             if work.route is None:
                 sessions.append(work)
                 continue
@@ -361,19 +372,14 @@ class Fetcher:
         for i, snapshot in snapshots.items():
             outgoing.add(route_cart(works[i], hashes[i], begun[i].owners, snapshot), "cart")
 
-        async with self.redis.pipeline(transaction=False) as pipe:
-            # Snapshots before the publishes: a join that follows a push finds its snapshot.
-            stored = self.cart_state.commit(pipe, fresh)
-            for channel, message in outgoing.messages(self.keys.gateway_channel):
-                pipe.publish(channel, message)
-            results = await pipe.execute(raise_on_error=False)
+        # Snapshots before the publishes: a join that follows a push finds its snapshot.
+        stored, errors = await self._commit_and_publish(fresh, outgoing)
         # Every command ran (a pipeline is not a transaction). A snapshot that was not stored
         # only costs a later read; a publish that failed fails the work, which is retried.
-        published = results[1:] if stored else results
-        if errors := [r for r in published if isinstance(r, Exception)]:
+        if errors:
             raise errors[0]
-        if stored and isinstance(results[0], Exception):
-            log.info("cart snapshots not stored (%s); loading the script again", results[0])
+        if isinstance(stored, Exception):
+            log.info("cart snapshots not stored (%s); loading the script again", stored)
             await self.cart_state.load_commit_script()
         for kind, count in outgoing.counts.items():
             self.metrics.deliveries_published.labels(kind).inc(count)
@@ -390,6 +396,33 @@ class Fetcher:
                 attempt = self._errored.get(session_id, 0)
                 self._errored[session_id] = attempt + 1
                 self._retry_later(SessionWork(session_id, push_all=True, attempt=attempt + 1))
+
+    async def _commit_and_publish(
+        self, fresh: list[tuple[str, CartSnapshot]], outgoing: GatewayMessages
+    ) -> tuple[Any, list[Exception]]:
+        """Store the batch's fresh snapshots and publish its messages, in pipelines of at most
+        PIPELINE_BYTES: each gateway's subscriber is sent what a pipeline publishes at once, and
+        Redis disconnects one whose output buffer passes 32 MiB. Returns the snapshot command's
+        result (None when there was none) and the errors of the publishes."""
+        stored: Any = None
+        errors: list[Exception] = []
+        async with self.redis.pipeline(transaction=False) as pipe:  # execute() empties it
+            queued_commit = self.cart_state.commit(pipe, fresh)
+            size = 0
+            for channel, message in outgoing.messages(self.keys.gateway_channel):
+                if size and size + len(message) > PIPELINE_BYTES:
+                    results = await pipe.execute(raise_on_error=False)
+                    if queued_commit:
+                        stored, results, queued_commit = results[0], results[1:], False
+                    errors += [r for r in results if isinstance(r, Exception)]
+                    size = 0
+                pipe.publish(channel, message)
+                size += len(message)
+            results = await pipe.execute(raise_on_error=False)
+        if queued_commit:
+            stored, results = results[0], results[1:]
+        errors += [r for r in results if isinstance(r, Exception)]
+        return stored, errors
 
     async def _deliver_to_route(self, work: SessionWork) -> None:
         if work.route == BROADCAST_ROUTE:

@@ -8,6 +8,11 @@ messages past `BAD_MESSAGE_BURST`. Budgets are named by message type, plus three
   any               every message
   new_session       an `update_session` to an id other than the tab's current one
   not_implemented   the request types this service answers only with an error, together
+  connect           a Socket.IO CONNECT again on an Engine.IO session that had one (each
+                    joins the session again: a join costs a cart)
+
+A tab's buckets belong to its connection: a Socket.IO client that disconnects its namespace and
+connects it again on the same Engine.IO session keeps them (`TabProtocol.budgets_of`).
 
 `MESSAGE_BUDGETS` overrides any of them, or budgets another type: `name=burst/per_second`,
 comma-separated (README; checked by `shared.settings`).
@@ -20,11 +25,13 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from shared.protocol import BUDGET_ANY as ANY_MESSAGE
+from shared.protocol import BUDGET_CONNECT as CONNECT
 from shared.protocol import BUDGET_NEW_SESSION as NEW_SESSION
 from shared.protocol import BUDGET_NOT_IMPLEMENTED as NOT_IMPLEMENTED
 
 __all__ = [
     "ANY_MESSAGE",
+    "CONNECT",
     "DEFAULT_BUDGETS",
     "NEW_SESSION",
     "NOT_IMPLEMENTED",
@@ -52,6 +59,7 @@ DEFAULT_BUDGETS: Final[Mapping[str, Budget]] = {
     "subscribe": Budget(60, 2.0),
     "unsubscribe": Budget(60, 2.0),
     "update_user_info": Budget(5, 0.1),
+    CONNECT: Budget(3, 0.1),
 }
 
 

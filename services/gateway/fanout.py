@@ -14,7 +14,10 @@ is counted and logged, never raised. A message is one envelope or a batch of the
 
 A fan-out iterates over a copy of the members: dropping a slow tab takes it out of the live
 set, and iterating that set itself raised "Set changed size during iteration", which discarded
-the rest of the message for every other session in it.
+the rest of the message for every other session in it. And a full outbox is not yet a slow
+consumer: the writers get a turn first (`Writer.settle`), since one message may carry more
+for a tab than its outbox holds (100 events for one tab in one batch dropped a tab that read
+everything, with the 64 it had queued).
 """
 
 from __future__ import annotations
@@ -58,19 +61,27 @@ class Fanout:
             envelopes = decode_for_gateway(data)  # fully checked before any state changes
         except EnvelopeError as exc:
             envelopes = [exc]
+        full: list[tuple[Tab, Outgoing]] = []  # outboxes that were full: their writers get a turn
         for envelope in envelopes:
             if isinstance(envelope, EnvelopeError):
                 self._metrics.deliveries_invalid.inc()
                 log.warning("dropped invalid envelope on %s (%s)", channel, envelope)
             elif isinstance(envelope, Cart):
-                self._cart(envelope)
+                self._cart(envelope, full)
             elif isinstance(envelope, Event):
-                self._event(envelope)
+                self._event(envelope, full)
             else:
                 await self._resync(envelope)
+            if full:  # before the next envelope, so that each tab's messages keep their order
+                await self._writer.settle(full)
+                full.clear()
 
-    def _cart(self, cart: Cart) -> None:
-        hub, writer = self._hub, self._writer
+    def _offer(self, tab: Tab, outgoing: Outgoing, full: list[tuple[Tab, Outgoing]]) -> None:
+        if not self._writer.offer(tab, outgoing):
+            full.append((tab, outgoing))
+
+    def _cart(self, cart: Cart, full: list[tuple[Tab, Outgoing]]) -> None:
+        hub = self._hub
         seq = cart.seq
         shared: Outgoing | None = None
 
@@ -85,7 +96,7 @@ class Fanout:
         if cart.push:
             for tab in list(hub.session_members(cart.session_hash)):
                 if hub.accept_push(tab, seq):
-                    writer.enqueue(tab, push())
+                    self._offer(tab, push(), full)
                 else:
                     self._metrics.stale_carts_dropped.inc()
         for token, _kind in cart.tokens:
@@ -97,7 +108,7 @@ class Fanout:
                 continue  # gone, or moved to another session since asking
             if pending.kind == JOIN:
                 if hub.accept_push(tab, seq):
-                    writer.enqueue(tab, push())
+                    self._offer(tab, push(), full)
             elif not hub.accept_reply(tab, seq) and self._requests.ask_again(token, pending):
                 # Older than a cart this tab already has (possible only around a shard
                 # hand-over): ask again rather than show an older snapshot after a newer one.
@@ -106,9 +117,9 @@ class Fanout:
                 text = render_cart(
                     cart, push=False, request_id=pending.request_id, has_request_id=pending.has_request_id
                 )
-                writer.enqueue(tab, Outgoing(text, CART_MESSAGE))
+                self._offer(tab, Outgoing(text, CART_MESSAGE), full)
 
-    def _event(self, event: Event) -> None:
+    def _event(self, event: Event, full: list[tuple[Tab, Outgoing]]) -> None:
         outgoing = Outgoing(event.text, "event", received_at=event.received_at)
         members: Iterable[Tab]
         if event.broadcast:
@@ -118,7 +129,7 @@ class Fanout:
         else:
             members = self._hub.session_members(event.session_hash or "")
         for tab in list(members):
-            self._writer.enqueue(tab, outgoing)
+            self._offer(tab, outgoing, full)
 
     async def _resync(self, resync: Resync) -> None:
         shards = set(resync.shards)

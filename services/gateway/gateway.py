@@ -25,7 +25,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from shared.envelopes import GET, JOIN
@@ -112,6 +112,7 @@ class Gateway:
         self.draining = False  # set by `drain` only
         self.failure: str | None = None  # set when an essential background loop died
         self._ids = itertools.count(1)
+        self._not_tabs: list[Callable[[], int]] = []  # see `also_count`
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.redis_last_message_age.set_function(lambda: self.subscription.last_message_age)
         self.metrics.requests_pending.set_function(lambda: len(self.requests.pending))
@@ -207,14 +208,22 @@ class Gateway:
         log.warning("refused a request from origin %r (host %r, expected %s)", origin, host, scheme)
         return False
 
-    def load_refusal(self, not_yet_tabs: int = 0) -> tuple[int, str] | None:
+    def also_count(self, connections: Callable[[], int]) -> None:
+        """A transport's connections that are not tabs (yet) count against MAX_CONNECTIONS too
+        (Engine.IO sessions without a Socket.IO CONNECT)."""
+        self._not_tabs.append(connections)
+
+    def connection_count(self) -> int:
+        """Every connection this gateway holds, on both transports, together."""
+        return len(self.tabs) + sum(count() for count in self._not_tabs)
+
+    def load_refusal(self) -> tuple[int, str] | None:
         """Why a new connection is refused now (HTTP status, message), or None: a drain, or the
-        connection cap. One rule for both transports; `not_yet_tabs` counts connections a
-        transport holds that are not tabs yet (Engine.IO sessions without a Socket.IO CONNECT)."""
+        connection cap. One rule for both transports."""
         if self.draining:
             self.metrics.handshakes_rejected.labels("draining").inc()
             return 503, "This server is restarting; try another"
-        if len(self.tabs) + not_yet_tabs >= self.settings.max_connections:
+        if self.connection_count() >= self.settings.max_connections:
             self.metrics.handshakes_rejected.labels("capacity").inc()
             return 503, "This server is full; try again later"
         return None
@@ -280,9 +289,9 @@ class Gateway:
             elif isinstance(action, RequestCart):
                 self.requests.ask(tab, GET, action.request_id, action.has_request_id)
             elif isinstance(action, RelayToSession):
-                await self.relays.to_session(tab, action.message)
+                await self.relays.to_session(tab, action.text)
             elif isinstance(action, RelayToRoom):
-                await self.relays.to_room(tab, action.room_id, action.message)
+                await self.relays.to_room(tab, action.room_id, action.text)
             elif isinstance(action, JoinRoom):
                 await self._join_room(tab, action)
             elif isinstance(action, LeaveRoom):
@@ -301,6 +310,8 @@ class Gateway:
         self.metrics.sessions_held.set(len(self.hub.sessions))
         if first:
             await self.ownership.claim(session)
+            if tab.detached:  # closed while the claim was on its way: nothing left to greet
+                return
         for message in joined_messages(action, len(self.hub.sessions[session])):
             self.writer.send(tab, message)
         if action.known_seq:
@@ -326,6 +337,8 @@ class Gateway:
         first, size = self.hub.join_room(tab, action.room_id)
         if first:
             await self.ownership.claim(room_route(action.room_id))
+            if tab.detached:
+                return
         for message in action.replies:
             if message.get("type") == "room_joined":
                 message = {**message, "roomSize": size}

@@ -13,7 +13,7 @@ from shared.settings import GatewaySettings, load_or_exit
 from .asgi import GatewayApp, create_app
 from .gateway import Gateway
 from .shutdown import shutdown_seconds
-from .uvicorn_protocols import HTTPTOOLS, AbortableWebSocketProtocol, with_handshake_timeout
+from .uvicorn_protocols import HTTPTOOLS, MAX_HEAD_BYTES, AbortableWebSocketProtocol, with_request_timeout
 
 
 class GatewayServer(uvicorn.Server):
@@ -54,7 +54,8 @@ def uvicorn_config(settings: GatewaySettings, **overrides: object) -> uvicorn.Co
         "host": settings.host,
         "port": settings.port,
         "loop": loop,
-        "http": with_handshake_timeout(settings.handshake_timeout_seconds, plain=_parser == "h11"),
+        "http": with_request_timeout(settings.handshake_timeout_seconds, plain=_parser == "h11"),
+        "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # httptools: the protocol class bounds it
         "ws": AbortableWebSocketProtocol,  # websockets-sansio, plus abort for unwritable peers
         "ws_max_size": settings.max_frame_bytes,  # larger frames: close 1009
         "ws_ping_interval": settings.ws_ping_interval_seconds,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -21,7 +20,6 @@ from shared.registry import RedisOwnershipRegistry
 
 from .hub import Hub
 from .outbox import Outgoing
-from .rendering import stamp
 from .tab import Tab
 from .writer import Writer
 
@@ -45,26 +43,28 @@ class Relays:
         self._keys = keys
         self._gateway_id = gateway_id
 
-    async def to_session(self, sender: Tab, message: dict[str, Any]) -> None:
-        """A tab's session_message, to the other tabs of its session on every gateway."""
+    async def to_session(self, sender: Tab, text: str) -> None:
+        """A tab's session_message (as the `room_message` text to deliver), to the other tabs of
+        its session on every gateway."""
         session = sender.session_hash
         if session is not None:
-            text = stamp(message)
             members = self._hub.session_members(session)
             await self._relay(sender, members, session, Event(text, session_hash=session))
 
-    async def to_room(self, sender: Tab, room: str, message: dict[str, Any]) -> None:
+    async def to_room(self, sender: Tab, room: str, text: str) -> None:
         """A member's room_message, to the *other* members of an entity room on every gateway."""
-        text = stamp(message)
         await self._relay(sender, self._hub.room_members(room), room_route(room), Event(text, room=room))
 
     async def _relay(self, sender: Tab, members: Iterable[Tab], route: str, event: Event) -> None:
         outgoing = Outgoing(event.text, "room_message")
         # A copy: a slow member dropped here leaves the live set (and that raised inside the
-        # sender's own loop, which closed the *sender* 1011).
-        for other in list(members):
-            if other is not sender:
-                self._writer.enqueue(other, outgoing)
+        # sender's own loop, which closed the *sender* 1011). A full outbox gets its writer's
+        # turn first, as in a fan-out (`Writer.settle`): a burst of relays is not a slow tab.
+        full = [
+            (o, outgoing) for o in list(members) if o is not sender and not self._writer.offer(o, outgoing)
+        ]
+        if full:
+            await self._writer.settle(full)
         try:
             owners = [g for g in await self._registry.owners(route) if g != self._gateway_id]
             if not owners:

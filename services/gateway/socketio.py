@@ -9,6 +9,13 @@ is followed by its attachments as binary Engine.IO messages; in the JSON each on
 `Namespace` for (others get CONNECT_ERROR "Invalid namespace"), closes an Engine.IO session
 that sends no CONNECT within `connect_timeout`, and closes any session that sends a malformed
 packet. Everything above (events, acks) is the namespace's business.
+
+Binary packets are bounded: a BINARY_EVENT for a namespace the session is not connected to is
+refused at once (before its attachments are awaited), the attachments of one packet may hold at
+most `max_attachment_bytes` together, and a packet must have them all within
+`attachment_timeout`. An unfinished `51-` ... `510-` event kept up to 9 attachments (about
+440 KiB) per session before any CONNECT, for as long as pongs kept the session alive: 100 such
+sessions from one connection grew the gateway by 43 MiB.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ from typing import Any, Protocol
 
 from shared.codec import loads_strict
 
-from .engineio import EngineSession, Message
+from .engineio_session import EngineSession, Message
 
 log = logging.getLogger(__name__)
 
 CONNECT, DISCONNECT, EVENT, ACK, CONNECT_ERROR, BINARY_EVENT, BINARY_ACK = range(7)
 MAX_ATTACHMENTS = 10
+CLIENT_NAMESPACE_DISCONNECT = "client namespace disconnect"  # a DISCONNECT packet, not the session's end
 
 
 class PacketError(ValueError):
@@ -164,7 +172,18 @@ class Socket:
     session: EngineSession
     namespace: str
     id: str = field(default_factory=lambda: secrets.token_urlsafe(15))
+    # The private id of connection-state recovery: a client that got one sends it back, with the
+    # offset of the last event it received, when it connects again (socket.io-client only keeps
+    # offsets once it has a pid).
+    pid: str = field(default_factory=lambda: secrets.token_urlsafe(15))
     data: Any = None  # the namespace's state for this socket
+
+    @property
+    def connection_state(self) -> dict[str, Any]:
+        """What a namespace keeps for the whole Engine.IO session: it outlives a namespace
+        DISCONNECT and CONNECT on the same session (budgets do)."""
+        state: _Connection = self.session.data
+        return state.namespace_state
 
     def emit(self, event: str, *args: Any) -> None:
         for message in encode(Packet(EVENT, self.namespace, [event, *args])):
@@ -190,15 +209,29 @@ class _Connection:
     sockets: dict[str, Socket] = field(default_factory=dict)  # namespace -> socket
     partial: Packet | None = None  # a binary packet waiting for its attachments
     buffers: list[bytes] = field(default_factory=list)
+    buffered: int = 0  # bytes in `buffers`
+    partial_timer: asyncio.TimerHandle | None = None
     connect_timer: asyncio.TimerHandle | None = None
+    namespace_state: dict[str, Any] = field(default_factory=dict)  # see `Socket.connection_state`
 
 
 class SocketIOServer:
     """The Engine.IO handler of Socket.IO: namespaces by name, each a `Namespace`."""
 
-    def __init__(self, namespaces: dict[str, Namespace], *, connect_timeout: float = 45.0) -> None:
+    def __init__(
+        self,
+        namespaces: dict[str, Namespace],
+        *,
+        connect_timeout: float = 45.0,
+        max_attachment_bytes: int = 10 * 1024 * 1024,
+        attachment_timeout: float = 10.0,
+        recovery: bool = False,
+    ) -> None:
         self.namespaces = namespaces
         self.connect_timeout = connect_timeout
+        self.max_attachment_bytes = max_attachment_bytes
+        self.attachment_timeout = attachment_timeout
+        self.recovery = recovery  # CONNECT replies carry a `pid` (connection-state recovery)
 
     def on_open(self, session: EngineSession) -> None:
         state = session.data = _Connection()
@@ -221,7 +254,12 @@ class SocketIOServer:
                 raise PacketError("text packet while attachments are awaited")
             packet = decode(message)
             if packet.attachments:
-                state.partial, state.buffers = packet, []
+                if packet.namespace not in state.sockets:
+                    raise PacketError("a binary packet before CONNECT")
+                state.partial, state.buffers, state.buffered = packet, [], 0
+                state.partial_timer = asyncio.get_running_loop().call_later(
+                    self.attachment_timeout, self._attachments_timed_out, session
+                )
                 return
             self._dispatch(session, state, packet)
         except PacketError as exc:
@@ -234,12 +272,23 @@ class SocketIOServer:
     def _attachment(self, session: EngineSession, state: _Connection, data: bytes) -> None:
         if state.partial is None:
             raise PacketError("binary message without a binary packet")
+        state.buffered += len(data)
+        if state.buffered > self.max_attachment_bytes:
+            raise PacketError(f"attachments over {self.max_attachment_bytes} bytes")
         state.buffers.append(data)
         if len(state.buffers) == state.partial.attachments:
             packet, state.partial = state.partial, None
             packet.data = _reconstruct(packet.data, state.buffers)
-            state.buffers = []
+            state.buffers, state.buffered = [], 0
+            if state.partial_timer is not None:
+                state.partial_timer.cancel()
+                state.partial_timer = None
             self._dispatch(session, state, packet)
+
+    def _attachments_timed_out(self, session: EngineSession) -> None:
+        state: _Connection = session.data
+        if state.partial is not None:
+            session.close(f"a binary packet without its attachments after {self.attachment_timeout:.0f}s")
 
     def _dispatch(self, session: EngineSession, state: _Connection, packet: Packet) -> None:
         if packet.type == CONNECT:
@@ -251,7 +300,7 @@ class SocketIOServer:
         handler = self.namespaces[packet.namespace]
         if packet.type == DISCONNECT:
             del state.sockets[packet.namespace]
-            handler.on_disconnect(socket, "client namespace disconnect")
+            handler.on_disconnect(socket, CLIENT_NAMESPACE_DISCONNECT)
         elif packet.type in (EVENT, BINARY_EVENT):
             binary = packet.type == BINARY_EVENT
             handler.on_event(socket, packet.data[0], packet.data[1:], packet.ack_id, binary)
@@ -270,7 +319,8 @@ class SocketIOServer:
         if state.connect_timer is not None:
             state.connect_timer.cancel()
             state.connect_timer = None
-        for message in encode(Packet(CONNECT, packet.namespace, {"sid": socket.id})):
+        reply = {"sid": socket.id, "pid": socket.pid} if self.recovery else {"sid": socket.id}
+        for message in encode(Packet(CONNECT, packet.namespace, reply)):
             session.send(message)
         namespace.on_connect(socket, packet.data or {})
 
@@ -278,8 +328,10 @@ class SocketIOServer:
         state: _Connection | None = session.data
         if state is None:
             return
-        if state.connect_timer is not None:
-            state.connect_timer.cancel()
+        for timer in (state.connect_timer, state.partial_timer):
+            if timer is not None:
+                timer.cancel()
+        state.buffers, state.partial = [], None
         for name, socket in list(state.sockets.items()):
             del state.sockets[name]
             try:

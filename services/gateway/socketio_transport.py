@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -38,11 +37,13 @@ from typing import Any
 from shared.metrics import ENGINEIO_TRANSPORTS
 from shared.protocol import CloseCode, mask_session_id
 
+from .budgets import CONNECT
 from .engineio import OUTGOING_FULL, EngineConfig, EngineServer
 from .gateway import Gateway, Loop
-from .socketio import Socket, SocketIOServer, is_ascii_digits
+from .socketio import CLIENT_NAMESPACE_DISCONNECT, Socket, SocketIOServer, is_ascii_digits
 from .tab import Tab
-from .tab_protocol import Action, Send
+from .tab_protocol import Action, Send, TabProtocol
+from .uvicorn_protocols import ABORT_EXTENSION
 
 EVENT = "message"
 INBOX_LIMIT = 256  # messages of one tab waiting to be handled (the budgets close it long before)
@@ -58,7 +59,7 @@ class SocketIOLink:
 
     def __init__(self, socket: Socket) -> None:
         self.socket = socket
-        self.inbox: deque[Callable[[], list[Action]]] | None = None
+        self.inbox: deque[Callable[[], list[Action]] | None] | None = None
         self.reader: asyncio.Task[None] | None = None
 
     async def write(self, text: str, seq: int) -> None:
@@ -74,10 +75,15 @@ class SocketIOLink:
             await engine_session.drained()
 
     async def close(self, code: int, reason: str) -> None:
-        self.socket.session.close(f"closed by the gateway ({code} {reason})")
+        # What is queued goes out first: a tab past its budget is told RATE_LIMITED (it got
+        # 35 of 60 pongs and no error over WebSocket, and nothing at all over polling).
+        self.socket.session.close(f"closed by the gateway ({code} {reason})", flush=True)
 
     def abort(self) -> None:
-        self.socket.session.close("aborted by the gateway")
+        engine_session = self.socket.session
+        engine_session.close("aborted by the gateway")
+        if engine_session.abort is not None:
+            engine_session.abort()
 
 
 class SocketIOTransport:
@@ -86,22 +92,34 @@ class SocketIOTransport:
     def __init__(self, gateway: Gateway) -> None:
         settings = gateway.settings
         self.gateway = gateway
-        self.pid = secrets.token_urlsafe(12)  # connection-state recovery: offsets are seqs
+        self._tabs = 0  # Socket.IO tabs open: each is one Engine.IO session CONNECTed to `/`
         self.engine = EngineServer(
-            SocketIOServer({"/": self}, connect_timeout=settings.socketio_connect_timeout_seconds),
+            SocketIOServer(
+                {"/": self},
+                connect_timeout=settings.socketio_connect_timeout_seconds,
+                # No message of this protocol is binary: attachments are only refused, and never
+                # worth more than a frame's worth of memory while they are.
+                max_attachment_bytes=settings.max_frame_bytes,
+                attachment_timeout=min(10.0, settings.socketio_ping_timeout_seconds),
+                recovery=True,
+            ),
             EngineConfig(
                 ping_interval=settings.socketio_ping_interval_seconds,
                 ping_timeout=settings.socketio_ping_timeout_seconds,
                 max_payload=settings.max_frame_bytes,
                 max_buffered=settings.outbox_frames * 4,
                 upgrade_timeout=min(10.0, settings.socketio_ping_timeout_seconds),
+                # A peer that takes nothing for as long as its pong may take is gone: aborted.
+                write_deadline=min(10.0, settings.socketio_ping_timeout_seconds),
                 affinity_cookie=(settings.socketio_affinity_cookie, settings.gateway_id)
                 if settings.socketio_affinity_cookie
                 else None,
             ),
             admit=self._admit,
             origin_allowed=self._origin_allowed,
+            abort_of=lambda scope: scope.get("extensions", {}).get(ABORT_EXTENSION),
         )
+        gateway.also_count(self._sessions_without_tab)
         for transport in ENGINEIO_TRANSPORTS:
             gateway.metrics.engineio_sessions.labels(transport).set_function(
                 partial(self._engine_sessions, transport)
@@ -134,17 +152,36 @@ class SocketIOTransport:
 
     def _admit(self, scope: Any) -> tuple[int, str] | None:
         # The Origin is checked already, on every Engine.IO request (`_origin_allowed`).
-        # Engine.IO sessions not yet connected to Socket.IO count too (they live until
-        # SOCKETIO_CONNECT_TIMEOUT_SECONDS): a flood of bare handshakes stays bounded.
-        return self.gateway.load_refusal(max(0, len(self.engine.sessions) - len(self.gateway.tabs)))
+        return self.gateway.load_refusal()
+
+    def _sessions_without_tab(self) -> int:
+        """Engine.IO sessions not (yet) connected to Socket.IO: they live until
+        SOCKETIO_CONNECT_TIMEOUT_SECONDS, so they count against MAX_CONNECTIONS with the tabs,
+        summed (the larger of the two counts let a gateway capped at 10 hold 20)."""
+        return max(0, len(self.engine.sessions) - self._tabs)
 
     # -- namespace `/`: each socket is a tab -----------------------------------------------
 
     def on_connect(self, socket: Socket, auth: dict[str, Any]) -> None:
-        offset = auth.get("offset")
+        # The connection's budgets outlive a namespace DISCONNECT: `41` then `40` made fresh
+        # buckets, and one connection sent 150 `update_session` to new ids in 0.4 s.
+        state = socket.connection_state
+        previous: TabProtocol | None = state.get("protocol")
+        if previous is None:
+            protocol = TabProtocol(self.gateway.limits)
+        else:
+            protocol = TabProtocol(self.gateway.limits, **previous.budgets_of())
+        state["protocol"] = protocol
         link = SocketIOLink(socket)
-        tab = self.gateway.open_tab(link)
+        tab = self.gateway.open_tab(link, protocol)
+        self._tabs += 1
         socket.data = tab
+        if previous is not None and not protocol.spend(CONNECT):
+            self._feed(
+                tab, link, lambda: protocol.rate_limited("Too many connects on one connection; closing")
+            )
+            return
+        offset = auth.get("offset")
         cookie = _cookie(socket)
         known_seq = (
             int(offset) if isinstance(offset, str) and len(offset) < 20 and is_ascii_digits(offset) else 0
@@ -183,21 +220,31 @@ class SocketIOTransport:
 
     def on_disconnect(self, socket: Socket, reason: str) -> None:
         tab: Tab | None = socket.data
-        if tab is not None:
-            socket.data = None
-            if reason.startswith(OUTGOING_FULL):  # a polling tab that stopped polling
-                self.gateway.metrics.slow_consumers.labels("closed").inc()
-                log.warning("tab %d: outgoing buffer full, dropping slow consumer", tab.id)
-            link = tab.link
-            if isinstance(link, SocketIOLink) and link.reader is not None:
-                if not link.reader.done() and link.reader is not asyncio.current_task():
-                    link.reader.cancel()
-            self.gateway.close_tab(tab)
+        if tab is None:
+            return
+        socket.data = None
+        self._tabs -= 1
+        link = tab.link
+        assert isinstance(link, SocketIOLink)
+        if reason == CLIENT_NAMESPACE_DISCONNECT and link.inbox:
+            # The client's own DISCONNECT takes its turn after what it sent before: a budget
+            # spent by those messages still closes the Engine.IO session, with its
+            # RATE_LIMITED (a `41` right behind them cancelled both, and the next `40` started
+            # afresh).
+            self._feed(tab, link, None)
+            return
+        if reason.startswith(OUTGOING_FULL):  # a polling tab that stopped polling
+            self.gateway.metrics.slow_consumers.labels("closed").inc()
+            log.warning("tab %d: outgoing buffer full, dropping slow consumer", tab.id)
+        if link.reader is not None and not link.reader.done() and link.reader is not asyncio.current_task():
+            link.reader.cancel()
+        self.gateway.close_tab(tab)
 
     # -- the input queue -------------------------------------------------------------------
 
-    def _feed(self, tab: Tab, link: SocketIOLink, make_actions: Callable[[], list[Action]]) -> None:
-        """Handle a tab's input in arrival order (one task while there is any)."""
+    def _feed(self, tab: Tab, link: SocketIOLink, make_actions: Callable[[], list[Action]] | None) -> None:
+        """Handle a tab's input in arrival order (one task while there is any); None is the
+        client's namespace DISCONNECT, after which the tab is closed."""
         if tab.detached:
             return
         if link.inbox is None:
@@ -213,6 +260,10 @@ class SocketIOTransport:
         try:
             while link.inbox and not tab.detached:
                 make_actions = link.inbox.popleft()
+                if make_actions is None:  # the namespace DISCONNECT: what was decided goes out first
+                    if tab.writer is not None and tab.outbox.close_code is not None:
+                        await asyncio.wait([tab.writer], timeout=CLOSE_FLUSH_SECONDS)
+                    break
                 self.gateway.metrics.messages_received.labels("text").inc()
                 await self.gateway.apply(tab, make_actions())
         except Exception:
@@ -221,9 +272,12 @@ class SocketIOTransport:
         finally:
             link.reader = None
             link.inbox = None
+            if link.socket.data is not tab:  # disconnected meanwhile: nothing more for it
+                self.gateway.close_tab(tab)
 
 
 _ORIGIN_HEADERS = frozenset({b"origin", b"host", b"x-forwarded-proto"})
+CLOSE_FLUSH_SECONDS = 2.0  # a tab's last messages and close, before its namespace DISCONNECT ends it
 
 
 def _cookie(socket: Socket) -> str | None:

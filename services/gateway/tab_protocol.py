@@ -8,6 +8,7 @@ injected). What a tab may ask, and how often, is `budgets.py`.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -30,6 +31,7 @@ from shared.protocol import (
 )
 
 from .budgets import ANY_MESSAGE, NEW_SESSION, NOT_IMPLEMENTED, Limits, TokenBucket
+from .rendering import stamp
 
 _INT_LIKE = re.compile(r"[0-9]{1,18}")  # not \d: it matches "١٢" and other scripts' digits
 MAX_USER_ID: Final = 2**63 - 1  # a PostgreSQL bigint: user ids beyond it are not ids, and become room names
@@ -66,9 +68,10 @@ class RequestCart:
 
 @dataclass(frozen=True, slots=True)
 class RelayToSession:
-    """A tab's session_message for the other tabs of its session, on every gateway."""
+    """A tab's session_message for the other tabs of its session, on every gateway (`text`:
+    the `room_message` to deliver, encoded once)."""
 
-    message: dict[str, Any]
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ class RelayToRoom:
     """A member's room_message for the other members of an entity room, on every gateway."""
 
     room_id: str
-    message: dict[str, Any]
+    text: str  # the room_message to deliver, encoded once
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,17 @@ Action = Send | JoinSession | RequestCart | RelayToSession | RelayToRoom | JoinR
 
 
 # -- pure helpers --------------------------------------------------------------------------
+
+
+def is_echoable(value: object) -> bool:
+    """A client's id that a reply may carry back: a string, an integer or a finite number.
+    `1e400` is valid JSON (unlike `NaN`) and parses as `inf`, which no JSON can carry: echoing it
+    made the reply unencodable, and the tab was closed 1011 as if the server had failed."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str | int)
 
 
 def session_from_cookie(header: str | None, names: tuple[str, ...]) -> tuple[str | None, bool]:
@@ -172,21 +186,33 @@ class TabProtocol:
     session_required: bool = False  # connected without a session cookie
     rooms: set[str] = field(default_factory=set)  # entity and user rooms joined
     closed: bool = False
-    _bad: TokenBucket = field(init=False)
-    _budgets: dict[str, TokenBucket] = field(init=False, default_factory=dict)
+    # The token buckets (`budgets.py`): created here, or those of the connection's earlier
+    # protocol (`budgets_of`), so that a Socket.IO namespace reconnect resets nothing.
+    bad_budget: TokenBucket | None = None
+    budgets: dict[str, TokenBucket] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._bad = TokenBucket(
-            self.limits.bad_message_burst, self.limits.bad_message_refill_per_second, self.clock
-        )
+        if self.bad_budget is None:
+            self.bad_budget = TokenBucket(
+                self.limits.bad_message_burst, self.limits.bad_message_refill_per_second, self.clock
+            )
+
+    def budgets_of(self) -> dict[str, Any]:
+        """This protocol's buckets, for the next protocol of the same connection:
+        `TabProtocol(limits, **previous.budgets_of())`."""
+        return {"bad_budget": self.bad_budget, "budgets": self.budgets, "clock": self.clock}
+
+    def spend(self, name: str) -> bool:
+        """Take a token of budget `name` (and of `any`); False when either is spent."""
+        return self._within_budget(ANY_MESSAGE) and self._within_budget(name)
 
     def _within_budget(self, name: str) -> bool:
         budget = self.limits.budgets.get(name)
         if budget is None:
             return True
-        bucket = self._budgets.get(name)
-        if bucket is None:  # created on first use: most sockets only ever send a few types
-            bucket = self._budgets[name] = TokenBucket(budget.burst, budget.per_second, self.clock)
+        bucket = self.budgets.get(name)
+        if bucket is None:  # created on first use: most tabs only ever send a few types
+            bucket = self.budgets[name] = TokenBucket(budget.burst, budget.per_second, self.clock)
         return bucket.take()
 
     @property
@@ -248,19 +274,20 @@ class TabProtocol:
         if not isinstance(message, dict):
             return self._bad_message(ErrorCode.INVALID_JSON, "Message must be a JSON object")
         kind = message.get("type")
-        handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+        if not isinstance(kind, str):  # a list or an object is no type (and no dict key either)
+            text = "Message has no type" if kind is None else "Message type must be a string"
+            return self._bad_message(ErrorCode.UNSUPPORTED_MESSAGE_TYPE, text)
+        handler = _HANDLERS.get(kind)
         if handler is None and kind in UNSERVED_REQUESTS:
             if not (self._within_budget(ANY_MESSAGE) and self._within_budget(NOT_IMPLEMENTED)):
-                return self._rate_limited(f"Too many {kind} messages; closing")
+                return self.rate_limited(f"Too many {kind} messages; closing")
             return [Send(unserved_reply(message))]
         if handler is None:
-            shown = kind if isinstance(kind, str) else None
             return self._bad_message(
-                ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
-                f"Message type {shown[:40]!r} is not supported" if shown else "Message has no type",
+                ErrorCode.UNSUPPORTED_MESSAGE_TYPE, f"Message type {kind[:40]!r} is not supported"
             )
-        if not (self._within_budget(ANY_MESSAGE) and self._within_budget(str(kind))):
-            return self._rate_limited(f"Too many {kind} messages; closing")
+        if not (self._within_budget(ANY_MESSAGE) and self._within_budget(kind)):
+            return self.rate_limited(f"Too many {kind} messages; closing")
         return handler(self, message)
 
     # -- handlers --------------------------------------------------------------------------
@@ -272,7 +299,7 @@ class TabProtocol:
                 {
                     "type": "pong",
                     "id": f"pong_{uuid.uuid4().hex[:12]}",
-                    "reply_to": ping_id if isinstance(ping_id, str | int | float) else None,
+                    "reply_to": ping_id if is_echoable(ping_id) else None,
                 }
             )
         ]
@@ -290,7 +317,7 @@ class TabProtocol:
         assert isinstance(new, str)
         previous = self.session_id
         if new != previous and not self._within_budget(NEW_SESSION):
-            return self._rate_limited("Too many session changes; closing")
+            return self.rate_limited("Too many session changes; closing")
         action = "set" if previous is None else ("none" if previous == new else "updated")
         was_required = self.session_required
         self.session_id = new
@@ -371,10 +398,10 @@ class TabProtocol:
     def _on_get_partial_applications(self, message: dict[str, Any]) -> list[Action]:
         has_request_id = "requestId" in message
         request_id = message.get("requestId")
-        if has_request_id and (
-            isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None)
-        ):
-            return self._bad_message(ErrorCode.INVALID_MESSAGE, "requestId must be a string or a number")
+        if has_request_id and request_id is not None and not is_echoable(request_id):
+            return self._bad_message(
+                ErrorCode.INVALID_MESSAGE, "requestId must be a string or a finite number"
+            )
         if self.session_id is None:
             reply: dict[str, Any] = {
                 "type": "partial_applications_response",
@@ -391,22 +418,39 @@ class TabProtocol:
             return self._bad_message(
                 ErrorCode.ROOM_ACCESS_DENIED, "Subscribe to an entity room before sending to it"
             )
-        return [RelayToRoom(room, {**message, "type": "room_message"})]
+        text = self._relayable({**message, "type": "room_message"})
+        return self._not_relayable() if text is None else [RelayToRoom(room, text)]
 
     def _on_session_message(self, message: dict[str, Any]) -> list[Action]:
         if self.session_id is None:
             return self._bad_message(ErrorCode.NO_SESSION, "Join a session before sending session messages")
-        relayed = {**message, "type": "room_message", "roomId": self.room_id}
-        return [RelayToSession(relayed)]
+        text = self._relayable({**message, "type": "room_message", "roomId": self.room_id})
+        return self._not_relayable() if text is None else [RelayToSession(text)]
+
+    @staticmethod
+    def _relayable(message: dict[str, Any]) -> str | None:
+        """The JSON text other tabs are sent, or None when the message has no JSON form: a
+        number like `1e400` parses (as `inf`) but cannot be written again, and raising in the
+        gateway closed the *sender* 1011."""
+        try:
+            return stamp(message)
+        except (ValueError, RecursionError):
+            return None
+
+    def _not_relayable(self) -> list[Action]:
+        return self._bad_message(
+            ErrorCode.INVALID_MESSAGE, "Message has a number JSON cannot carry (such as 1e400)"
+        )
 
     # -- trouble ---------------------------------------------------------------------------
 
     def _bad_message(self, code: str, text: str) -> list[Action]:
-        if self._bad.take():
+        assert self.bad_budget is not None
+        if self.bad_budget.take():
             return [Send(error_message(code, text))]
-        return self._rate_limited("Too many invalid messages; closing", "too many invalid messages")
+        return self.rate_limited("Too many invalid messages; closing", "too many invalid messages")
 
-    def _rate_limited(self, text: str, reason: str = "message budget exceeded") -> list[Action]:
+    def rate_limited(self, text: str, reason: str = "message budget exceeded") -> list[Action]:
         return [
             Send(error_message(ErrorCode.RATE_LIMITED, text)),
             *self._close(CloseCode.POLICY_VIOLATION, reason),
@@ -447,19 +491,21 @@ UNSERVED_REQUESTS: Final = {
     "get_free_time": ("free_time_response", _UNAVAILABLE, "buildingId"),
     "get_application_detail": ("application_detail_response", _UNAVAILABLE, "id"),
     "get_delivered_applications": ("delivered_applications_response", _UNAVAILABLE, None),
-    "add_application_comment": ("add_application_comment_response", _UNAVAILABLE, None),
+    # the reply type the frontend waits for is `add_comment_response` (PROTOCOL.md §3), not
+    # `add_application_comment_response`: that one went unread and the frontend timed out (8 s)
+    "add_application_comment": ("add_comment_response", _UNAVAILABLE, None),
 }
 
 
 def unserved_reply(message: dict[str, Any]) -> dict[str, Any]:
     reply_type, text, echoed = UNSERVED_REQUESTS[message["type"]]
     data: dict[str, Any] = {"error": True, "status": "error", "message": text}
-    if echoed is not None and isinstance(message.get(echoed), str | int | float):
+    if echoed is not None and is_echoable(message.get(echoed)):
         data[echoed] = message[echoed]
     reply: dict[str, Any] = {"type": reply_type, "data": data}
     request_id = message.get("requestId")
-    if isinstance(request_id, str | int | float) and not isinstance(request_id, bool):
-        reply["requestId"] = request_id  # create/delete clients match on it
+    if is_echoable(request_id):
+        reply["requestId"] = request_id  # create, delete and comment clients match on it
     return reply
 
 

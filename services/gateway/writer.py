@@ -40,17 +40,36 @@ class Writer:
         self.enqueue(tab, Outgoing(stamp(message), kind))
 
     def enqueue(self, tab: Tab, outgoing: Outgoing) -> None:
+        """Queue for `tab`; a full outbox makes it a slow consumer, dropped at once."""
+        if not self.offer(tab, outgoing):
+            self._slow(tab)
+
+    def offer(self, tab: Tab, outgoing: Outgoing) -> bool:
+        """Queue for `tab` unless its outbox is full (False: nothing queued, nothing dropped).
+        A fan-out that meets a full outbox gives the writers a turn (`settle`) before it
+        calls the tab slow: one Redis message can hold more messages for a tab than its outbox,
+        and the writer cannot run while the fan-out does."""
         if tab.detached:
-            return
+            return True
         result = tab.outbox.put(outgoing)
         if result is True:
             self._wake(tab)
         elif result is None:
             self._metrics.slow_consumers.labels("cart_replaced").inc()
-        elif result is False:
-            self._metrics.slow_consumers.labels("closed").inc()
-            log.warning("tab %d: outbox full, dropping slow consumer", tab.id)  # once: detached now
-            self.drop(tab, CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        return result is not False
+
+    async def settle(self, full: list[tuple[Tab, Outgoing]]) -> None:
+        """`offer` found these outboxes full: let every writer run once (a tab that reads takes
+        its whole outbox into its socket's buffer at once), then queue again; a tab still full
+        is a slow consumer."""
+        await asyncio.sleep(0)
+        for tab, outgoing in full:
+            self.enqueue(tab, outgoing)
+
+    def _slow(self, tab: Tab) -> None:
+        self._metrics.slow_consumers.labels("closed").inc()
+        log.warning("tab %d: outbox full, dropping slow consumer", tab.id)  # once: detached now
+        self.drop(tab, CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
     def close_after_flush(self, tab: Tab, code: int, reason: str) -> None:
         tab.outbox.close_after_flush(code, reason)

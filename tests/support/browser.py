@@ -8,7 +8,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -61,6 +63,7 @@ class Browser:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its helper processes with it: `close` ends them all
         )
         deadline = time.monotonic() + 30
         while True:
@@ -119,11 +122,22 @@ class Browser:
         if self._reader is not None:
             self._reader.cancel()
         if self._proc is not None:
-            self._proc.terminate()
+            # The whole process group: Chromium's helpers outlived the browser process and wrote
+            # its profile again after it was removed (two /tmp/portico-chromium-* per test run).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)
             try:
                 self._proc.wait(10)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait(5)
+            for _ in range(50):  # until the last helper has exited
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self._proc.pid, 0)
+                    await asyncio.sleep(0.1)
+                    continue
+                break
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
