@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test chaos lint bench clean
+.PHONY: install run test test-containers chaos lint bench images clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ run: install
 
 test: install
 	$(BIN)/pytest
+
+test-containers: install    # the suite again, Redis and PostgreSQL in containers (testcontainers; podman or docker)
+	PORTICO_TEST_SERVERS=containers $(BIN)/pytest
+
+images: install    # portico-push-gateway:local and portico-push-fetcher:local (CONTAINER_ENGINE, PYTHON_IMAGE, CA_BUNDLE: docs/DEPLOYING.md)
+	$(BIN)/python -m services.images
 
 chaos: install    # only the chaos suite and the fuzzing (also part of `make test`), figures printed
 	$(BIN)/pytest -m chaos -s

@@ -70,6 +70,18 @@ class Keys:
         size their fair share of shards. Entries past expiry are pruned by the next writer."""
         return f"{self.prefix}fetchers"
 
+    @property
+    def fetchers_healthy(self) -> str:
+        """ZSET fetcher_id -> heartbeat expiry (ms, Redis clock), of the fetchers whose database
+        check passes: fair shares are computed over these. Written and read by fetchers."""
+        return f"{self.prefix}fetchers:healthy"
+
+    @property
+    def fetchers_shards(self) -> str:
+        """STRING the fleet's SHARDS. Set by the first fetcher, kept alive (3 x lease TTL) by each
+        agreeing one; a fetcher with another value holds no shard (`services/fetcher/shards.py`)."""
+        return f"{self.prefix}fetchers:shards"
+
     def shard_lease(self, shard: int) -> str:
         """STRING fetcher_id holding a shard of sessions. SET NX PX by fetchers; TTL = lease TTL,
         renewed by the holder; deleted by it on release."""

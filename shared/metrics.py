@@ -222,6 +222,11 @@ class FetcherMetrics:
         self.shards_configured = Gauge(
             f"{ns}_shards_configured", "SHARDS: how many shards all fetchers split between them", registry=r
         )
+        self.shards_agree = Gauge(
+            f"{ns}_shards_agree",
+            "1 while this fetcher's SHARDS is the running fleet's (0: it holds no shard, see the log)",
+            registry=r,
+        )
         self.redis_subscription_up = Gauge(
             f"{ns}_redis_subscription_up", "1 while subscribed to session_messages", registry=r
         )

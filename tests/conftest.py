@@ -5,12 +5,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from shared import supervision
+from tests.support import services
 from tests.support.data import seed_reference
 from tests.support.services import postgres_service, redis_service
 from tests.support.stack import Stack, running_stack
@@ -105,3 +107,25 @@ def no_background_task_died() -> Iterator[None]:
     died = supervision.deaths[before:]
     del supervision.deaths[before:]
     assert not died, f"background tasks died during the test: {died}"
+
+
+# -- which way this run got its servers (local binaries or testcontainers), for the record ----
+
+_SERVER_FIXTURES = {"redis": ("redis_url",), "postgres": ("postgres_url", "database_url", "db")}
+_tests_using: dict[str, int] = {"redis": 0, "postgres": 0}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"servers: {services.mode()} (PORTICO_TEST_SERVERS=local|containers)"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    names = getattr(item, "fixturenames", ())
+    for server, fixtures in _SERVER_FIXTURES.items():
+        if any(name in names for name in fixtures):
+            _tests_using[server] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for server, how in services.USED.items():
+        terminalreporter.write_line(f"{server} for {_tests_using[server]} tests: {how}")

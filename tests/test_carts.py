@@ -85,8 +85,12 @@ async def test_golden_cart_shape(db: asyncpg.Connection, database_url: str):
 
 
 def _via(url: str, port: int) -> str:
+    """`url` through a proxy on `port`, credentials kept (a testcontainers PostgreSQL needs its
+    password; the local servers trust, which hid that this dropped it)."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{port}"))
+    user = parts.username or "postgres"
+    credentials = f"{user}:{parts.password}" if parts.password else user
+    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
 
 
 async def test_a_cart_costs_the_same_round_trips_for_1_or_20_applications(db, database_url):

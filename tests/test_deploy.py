@@ -54,27 +54,126 @@ def test_there_are_dev_and_production_overlays():
     assert {"dev", "production"} <= set(OVERLAYS)
 
 
+def validate(objects: list[dict]) -> None:
+    for obj in objects:
+        if obj["kind"] in OPERATOR_KINDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["spec"]
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_every_object_validates(overlay: str):
+    """An overlay applies to a plain cluster as written: it creates its namespace, and holds no
+    object of a CRD (PodMonitor and PrometheusRule are the optional prometheus-operator
+    component's: with them in both overlays, dev included, `apply` failed on a plain cluster)."""
     objects = render(overlay)
     kinds = {o["kind"] for o in objects}
     assert {
+        "Namespace",
         "Deployment",
         "Service",
         "Ingress",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "ConfigMap",
-        "NetworkPolicy",
-        "PodMonitor",
-        "PrometheusRule",
     } <= kinds
-    for obj in objects:
-        if obj["kind"] in OPERATOR_KINDS:
-            assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["spec"]
-            continue
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-    assert all(o["metadata"].get("namespace") for o in objects), "the overlay sets a namespace"
+    assert not kinds & (OPERATOR_KINDS | {"NetworkPolicy"}), "optional components only"
+    validate(objects)
+    [namespace] = [o for o in objects if o["kind"] == "Namespace"]
+    namespaced = [o for o in objects if o["kind"] != "Namespace"]
+    assert all(o["metadata"].get("namespace") == namespace["metadata"]["name"] for o in namespaced)
+
+
+def test_the_overlays_run_their_own_images():
+    """Bug: the dev overlay's image override did nothing (it named images the base had already
+    renamed), so a kind/minikube cluster was told to pull the production registry's images."""
+    dev = {
+        c["image"]
+        for o in render("dev")
+        if o["kind"] == "Deployment"
+        for c in o["spec"]["template"]["spec"]["containers"]
+    }
+    assert dev == {"portico-push-gateway:local", "portico-push-fetcher:local"}, "what make images builds"
+    production = {
+        c["image"]
+        for o in render("production")
+        if o["kind"] == "Deployment"
+        for c in o["spec"]["template"]["spec"]["containers"]
+    }
+    assert production == {
+        "ghcr.io/portico/portico-push-gateway:0.1.0",
+        "ghcr.io/portico/portico-push-fetcher:0.1.0",
+    }
+
+
+def test_production_takes_host_tls_and_origin_from_its_one_site_file():
+    """Bug: the production overlay kept the base's placeholder host and origin, and neither
+    Ingress had a TLS block ("set by the overlay", which did not). They come from site.env."""
+    site = dict(
+        line.split("=", 1)
+        for line in (K8S / "overlays" / "production" / "site.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    objects = render("production")
+    ingresses = [o for o in objects if o["kind"] == "Ingress"]
+    assert len(ingresses) == 2
+    for ingress in ingresses:
+        assert [rule["host"] for rule in ingress["spec"]["rules"]] == [site["HOST"]]
+        assert ingress["spec"]["tls"] == [{"hosts": [site["HOST"]], "secretName": site["TLS_SECRET"]}]
+    config = by_kind(objects, "ConfigMap", "portico-push-config")["data"]
+    assert config["ALLOWED_ORIGINS"] == site["ALLOWED_ORIGINS"]
+    assert not any(o["metadata"]["name"].startswith("portico-push-site") for o in objects), (
+        "local config only"
+    )
+
+
+def render_with_components(tmp_name: str) -> list[dict]:
+    """production with both optional components, as an operator adds them."""
+    folder = K8S / tmp_name
+    folder.mkdir()
+    try:
+        (folder / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: portico-push\n"
+            "resources: [../overlays/production]\n"
+            "components: [../components/prometheus-operator, ../components/network-policy]\n"
+        )
+        out = subprocess.run(
+            [kube_tool("kubectl"), "kustomize", str(folder)], check=True, capture_output=True, text=True
+        ).stdout
+    finally:
+        shutil.rmtree(folder)
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def test_the_optional_components_render_and_validate():
+    objects = render_with_components(".render-components-test")
+    kinds = [o["kind"] for o in objects]
+    assert kinds.count("NetworkPolicy") == 2 and "PodMonitor" in kinds and "PrometheusRule" in kinds
+    validate(objects)
+    monitor = by_kind(objects, "PodMonitor", "portico-push")
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name", "jobs are portico-push-gateway/-fetcher"
+
+
+def test_socketio_affinity_has_an_upstream_of_its_own():
+    """Two Ingresses on one Service, only one with cookie affinity, is the case ingress-nginx's
+    docs warn about (affinity belongs to the upstream, one per Service): the Socket.IO paths now
+    go to a Service of their own, the same pods."""
+    objects = render("production")
+    raw = by_kind(objects, "Ingress", "portico-push-gateway")
+    socketio = by_kind(objects, "Ingress", "portico-push-gateway-socketio")
+    backends = {
+        ingress["metadata"]["name"]: {
+            p["backend"]["service"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]
+        }
+        for ingress in (raw, socketio)
+    }
+    assert backends == {
+        "portico-push-gateway": {"portico-push-gateway"},
+        "portico-push-gateway-socketio": {"portico-push-gateway-socketio"},
+    }
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert len({json.dumps(s["spec"]["selector"], sort_keys=True) for s in services}) == 1, "the same pods"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -133,7 +232,7 @@ def test_production_needs_no_credentials_in_git_and_dev_generates_them():
 
 
 def test_prometheus_rule_carries_the_alerts_file():
-    rule = yaml.safe_load((K8S / "base" / "prometheus-rule.yaml").read_text())
+    rule = yaml.safe_load((K8S / "components" / "prometheus-operator" / "prometheus-rule.yaml").read_text())
     assert rule["spec"] == yaml.safe_load(ALERTS.read_text())
 
 
@@ -303,3 +402,15 @@ def test_only_the_socketio_paths_have_cookie_affinity_in_kubernetes():
 def test_tampered_kube_tools_are_refused():
     with pytest.raises(kubetools.ToolsUnavailable, match="integrity mismatch"):
         kubetools.verify(b"not the package npm published")
+
+
+def test_every_alert_has_a_description_and_a_runbook_section_in_the_readme():
+    """Bug: no rule had a description or a runbook."""
+    readme = (ROOT / "README.md").read_text()
+    headings = {m.lower() for m in re.findall(r"^#### (Portico\w+)$", readme, re.M)}
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            notes = rule["annotations"]
+            assert notes["summary"] and notes["description"], rule["alert"]
+            assert notes["runbook"] == f"README.md#{rule['alert'].lower()}", rule["alert"]
+            assert rule["alert"].lower() in headings, f"no runbook section for {rule['alert']}"

@@ -310,3 +310,64 @@ async def test_events_lost_in_a_graceful_shard_hand_over_are_bounded(stack: Stac
     print(f"\nhand-over: {lost} of 400 events lost, {duplicates} duplicated (graceful join + leave)")
     assert duplicates == 0
     assert lost <= 40, f"{lost} events lost in a graceful hand-over"
+
+
+async def test_a_fetcher_that_cannot_reach_the_database_takes_no_work(redis_url, database_url, prefix, db):
+    """Bug: a fetcher with a wrong DATABASE_URL reported not ready, yet took its share of the
+    shards (20 of 64): with it running, 11 of 40 sessions ended on an error cart, so a rollout
+    with a wrong Secret showed errors to 1/N of the visitors for as long as it ran. A fetcher
+    whose database check fails now holds no leases while another fetcher can serve: it costs
+    capacity, never a visitor's cart. (Alone, it still serves: an error cart then beats none.)"""
+    await seed_reference(db)
+    sessions = [f"badSecretSession{n:03d}" for n in range(40)]
+    stack = Stack(redis_url, database_url, prefix)
+    try:
+        healthy = await stack.add_fetcher()
+        await stack.add_gateway()
+        await stack.wait_shards_settled()
+        broken = await stack.add_fetcher(database_url="postgresql://postgres@127.0.0.1:1/nowhere")
+        tabs = []
+        for sid in sessions:
+            await add_application(db, sid)
+            tabs.append(await Tab.open(stack.gateways[0].url, session=sid))
+        deadline = time.monotonic() + 12  # two database checks of the broken fetcher, and more
+        round_ = 0
+        while time.monotonic() < deadline:
+            for sid in sessions:
+                await trigger(redis_url, sid)
+            round_ += 1
+            await asyncio.sleep(0.5)
+        for tab in tabs:
+            await eventually(lambda tab=tab: len(tab.pushes()) >= 2, 15, what="pushes")
+        errors = sum(any(p["data"]["error"] for p in tab.pushes()) for tab in tabs)
+        print(f"\nbad DATABASE_URL beside a good fetcher: {errors} of {len(tabs)} sessions saw an error cart")
+        assert errors == 0
+        assert broken.leases.held() == [] and len(healthy.leases.held()) == healthy.settings.shards
+        assert not broken.ready
+    finally:
+        await stack.close()
+
+
+async def test_fetchers_that_disagree_on_shards_are_detected(redis_url, database_url, prefix, db, caplog):
+    """Bug: SHARDS "must agree" between fetchers, but a ConfigMap change rolls them one by one,
+    so old and new values coexisted and nothing noticed: two fetchers then served overlapping or
+    missing shards. A fetcher whose SHARDS differs from the running fleet's now holds no leases,
+    is not ready, and says why; once the old fleet is gone its value takes over."""
+    caplog.set_level(logging.ERROR)
+    await seed_reference(db)
+    stack = Stack(redis_url, database_url, prefix)
+    try:
+        old = await stack.add_fetcher()
+        await stack.add_gateway()
+        await stack.wait_shards_settled()
+        new = await stack.add_fetcher(shards=32)
+        await asyncio.sleep(3)  # a few lease ticks
+        assert new.leases.held() == [] and len(old.leases.held()) == 64
+        assert not new.ready and new.leases.mismatch is not None
+        assert any("SHARDS is 32 here, 64 in the running fleet" in r.getMessage() for r in caplog.records)
+        await old.stop()
+        stack.fetchers.remove(old)
+        await eventually(lambda: len(new.leases.held()) == 32, 30, what="the new value takes over")
+        await eventually(lambda: new.ready, 10, what="ready")
+    finally:
+        await stack.close()

@@ -33,6 +33,7 @@ def create_app(settings: FetcherSettings) -> Starlette:
         return {
             "redis_subscription": fetcher.subscription.healthy,
             "database": fetcher.db_ok,
+            "shards_agree": fetcher.leases.mismatch is None,
             "not_stopping": not fetcher.stopping,
             "background_tasks": fetcher.failure is None,
         }

@@ -113,6 +113,7 @@ class Fetcher:
             on_gained=self._announce_resync,
             before_release=self._drain_shards,
             on_lapsed=self._announce_resync,
+            healthy=lambda: self.db_ok,
         )
         self.subscription = Subscription(
             settings.redis.url,
@@ -134,6 +135,7 @@ class Fetcher:
         self.metrics.work_pending.set_function(lambda: len(self.coalescer))
         self.metrics.shards_held.set_function(lambda: len(self.leases.held()))
         self.metrics.shards_configured.set(settings.shards)
+        self.metrics.shards_agree.set_function(lambda: 1 if self.leases.mismatch is None else 0)
         self._tasks: list[asyncio.Task[None]] = []
         # One pending retry per session (or route), merged: bounded by the sessions held.
         self._retries: dict[str, tuple[SessionWork, asyncio.TimerHandle]] = {}
@@ -188,7 +190,13 @@ class Fetcher:
 
     @property
     def ready(self) -> bool:
-        return self.subscription.healthy and self.db_ok and not self.stopping and self.failure is None
+        return (
+            self.subscription.healthy
+            and self.db_ok
+            and self.leases.mismatch is None
+            and not self.stopping
+            and self.failure is None
+        )
 
     async def _watch_database(self) -> None:
         """Every 5 s: can the cart query run (the database answers *and* has the Portico

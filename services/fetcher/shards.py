@@ -5,10 +5,19 @@ request; it serves only sessions whose shard (`shard_of(session_hash)`) it holds
 steady state each trigger is fetched exactly once, by one process that also serialises that
 session's fetches (ordered `seq`).
 
-Membership: each replica heartbeats into the `fetchers` ZSET; its fair share is
-ceil(shards / live replicas). A replica over its share releases the surplus; one under it
-claims free shards (SET NX PX). Leases expire `ttl` after the holder's last renewal, so a dead
-replica's shards become free within `ttl`.
+Membership: each replica heartbeats into the `fetchers` ZSET, and into `fetchers:healthy`
+while its database check passes; its fair share is ceil(shards / healthy replicas), and that of
+a replica whose database does not answer is none while another can serve (a wrong Secret costs
+capacity, never a visitor's cart: such a replica took its share and 11 of 40 sessions ended on
+an error cart), and ceil(shards / live replicas) when none can (an error cart then beats no
+cart at all). A replica over its share releases the surplus; one under it claims free shards
+(SET NX PX). Leases expire `ttl` after the holder's last renewal, so a dead replica's shards
+become free within `ttl`.
+
+SHARDS is the fleet's: the first replica sets `fetchers:shards`, every agreeing one keeps it
+alive (3 x ttl). A replica with another value holds nothing, is not ready, and says why
+(`mismatch`), until the value it disagrees with is gone: a rolling change of SHARDS stalls
+(safely) instead of serving overlapping shards; change it by scaling the fetchers to zero.
 
 Hand-over gap: between a release (or a death) and the next claim nobody serves that shard, and
 triggers in that window are lost. The claimer therefore announces the shards it gained; gateways
@@ -39,14 +48,31 @@ from shared.keys import Keys
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: fetchers zset. ARGV: id, ttl ms. Heartbeat, prune the dead, count the live.
+# KEYS: fetchers zset, healthy fetchers zset, the fleet's SHARDS. ARGV: id, ttl ms, healthy (1/0),
+# this fetcher's SHARDS. Heartbeat into both sets (the healthy one only while the database
+# answers), prune the dead, count both. A fetcher whose SHARDS is not the fleet's joins neither
+# set (the others must not count it in their fair share) and is told the fleet's value.
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 10)
-return redis.call('ZCARD', KEYS[1])
+local ttl = tonumber(ARGV[2])
+local fleet = redis.call('GET', KEYS[3])
+if fleet and fleet ~= ARGV[4] then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {0, 0, fleet}
+end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ttl * 3)
+for i = 1, 2 do
+  if i == 1 or ARGV[3] == '1' then
+    redis.call('ZADD', KEYS[i], now + ttl, ARGV[1])
+  else
+    redis.call('ZREM', KEYS[i], ARGV[1])
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  redis.call('PEXPIRE', KEYS[i], ttl * 10)
+end
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), ARGV[4]}
 """
 
 # KEYS: lease keys. ARGV: id, ttl ms. Renews those still ours; returns their 1-based positions.
@@ -85,6 +111,7 @@ class ShardLeases:
         on_gained: ShardsHandler,
         before_release: ShardsHandler,
         on_lapsed: ShardsHandler | None = None,
+        healthy: Callable[[], bool] = lambda: True,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -95,6 +122,8 @@ class ShardLeases:
         self._on_gained = on_gained
         self._before_release = before_release
         self._on_lapsed = on_lapsed
+        self._healthy = healthy  # can this fetcher serve carts (its database check passes)?
+        self.mismatch: str | None = None  # why it holds nothing: its SHARDS is not the fleet's
         self._releases: set[asyncio.Task[None]] = set()
         self._held: set[int] = set()
         self._valid_until = 0.0  # monotonic; leases are trusted locally until then
@@ -130,7 +159,26 @@ class ShardLeases:
 
     async def tick(self) -> None:
         started = time.monotonic()
-        live = int(await self._heartbeat(keys=[self._keys.fetchers], args=[self._id, self._ttl_ms]))
+        healthy_here = self._healthy()
+        live, healthy, fleet = await self._heartbeat(
+            keys=[self._keys.fetchers, self._keys.fetchers_healthy, self._keys.fetchers_shards],
+            args=[self._id, self._ttl_ms, "1" if healthy_here else "0", str(self.shards)],
+        )
+        fleet_shards = int(fleet)
+        if fleet_shards != self.shards:
+            if self.mismatch is None:
+                log.error(
+                    "shard leases: SHARDS is %d here, %d in the running fleet: holding no shard until "
+                    "the fleet agrees (change SHARDS by scaling the fetchers to zero)",
+                    self.shards,
+                    fleet_shards,
+                )
+            self.mismatch = f"SHARDS is {self.shards} here, {fleet_shards} in the running fleet"
+            self._release_in_background(sorted(self._held))
+            return
+        if self.mismatch is not None:
+            log.info("shard leases: the fleet agrees on SHARDS=%d now", self.shards)
+            self.mismatch = None
         ordered = sorted(self._held)
         if ordered:
             kept = await self._renew(
@@ -149,7 +197,12 @@ class ShardLeases:
             if self._on_lapsed is not None:
                 await self._on_lapsed(sorted(self._held))
 
-        fair = math.ceil(self.shards / max(live, 1))
+        if healthy_here:
+            fair = math.ceil(self.shards / max(int(healthy), 1))
+        elif int(healthy) > 0:
+            fair = 0  # another fetcher can serve: this one takes no work
+        else:
+            fair = math.ceil(self.shards / max(int(live), 1))
         if len(self._held) > fair:
             surplus = [n for n in reversed(self._preference) if n in self._held][: len(self._held) - fair]
             self._release_in_background(surplus)
@@ -200,6 +253,9 @@ class ShardLeases:
         held = sorted(self._held)
         try:
             await self.release(held)
-            await self._client.zrem(self._keys.fetchers, self._id)
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zrem(self._keys.fetchers, self._id)
+                pipe.zrem(self._keys.fetchers_healthy, self._id)
+                await pipe.execute()
         except Exception as exc:
             log.warning("shard leases: could not release on stop (%s)", exc)
