@@ -12,7 +12,7 @@ from typing import Any
 from services.stackstate import running_stack
 from shared.keys import SESSION_MESSAGES_CHANNEL
 from shared.protocol import is_valid_session_id, now_iso
-from shared.settings import server_problem
+from shared.settings import RedisSettings, server_problem
 
 
 class CommandError(Exception):
@@ -48,20 +48,31 @@ def checked_url(name: str, url: str, schemes: tuple[str, ...]) -> str:
     return url
 
 
-async def publish_trigger(redis_url: str, session_id: str) -> int:
-    """Publish exactly what the PHP backend publishes (PROTOCOL.md §5.1); returns receivers."""
+async def publish_trigger(redis: str | RedisSettings, session_id: str) -> int:
+    """Publish exactly what the PHP backend publishes (PROTOCOL.md §5.1), to a Redis URL or to
+    any topology the services support (plain PUBLISH, as PHP does); returns receivers (in a
+    Cluster, those on the node it reached)."""
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=3)
+    from shared.redis_topology import RedisTopology
+
+    where = redis if isinstance(redis, str) else repr(redis)
+    topology = None if isinstance(redis, str) else RedisTopology(redis)
+    if topology is None:
+        client = aioredis.Redis.from_url(str(redis), socket_connect_timeout=3)
+    else:
+        client = topology.command_client(max_connections=2)
     try:
         payload = {"type": "update_partial_applications", "sessionId": session_id, "timestamp": now_iso()}
         receivers: int = await client.publish(SESSION_MESSAGES_CHANNEL, json.dumps(payload))
         return receivers
     except (RedisError, OSError) as exc:
-        raise _unreachable("Redis", redis_url, exc) from None
+        raise _unreachable("Redis", where, exc) from None
     finally:
         await client.aclose()
+        if topology is not None:
+            await topology.aclose()
 
 
 async def add_application(database_url: str, session_id: str, name: str) -> int:

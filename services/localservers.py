@@ -94,10 +94,11 @@ def _wait_port(port: int, timeout: float, what: str) -> None:
 class LocalRedis:
     """A redis-server child process on a free port, without persistence; restartable."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = find_redis_server()
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="portico-redis-")
+        self.extra_args = extra_args  # a replica's --replicaof, a Cluster node's --cluster-enabled
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -120,6 +121,7 @@ class LocalRedis:
                 self.dir,
                 "--loglevel",
                 "warning",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -145,6 +147,17 @@ class LocalRedis:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as a fault test wants it (no shutdown, no goodbye to clients)."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def cleanup(self) -> None:
         self.stop()

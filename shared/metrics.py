@@ -134,11 +134,16 @@ class GatewayMetrics:
             f"{ns}_requests_timed_out_total", "Cart requests the fetchers did not answer", registry=r
         )
         self.redis_subscription_up = Gauge(
-            f"{ns}_redis_subscription_up", "1 while the gateway channel subscription is live", registry=r
+            f"{ns}_redis_subscription_up", "1 while every subscription of the gateway is live", registry=r
         )
         self.redis_last_message_age = Gauge(
             f"{ns}_redis_last_message_age_seconds",
             "Seconds since the last message or pong on the gateway's subscription",
+            registry=r,
+        )
+        self.redis_deaf = Counter(
+            f"{ns}_redis_deaf_total",
+            "Delivery probes that did not come back: a subscription found deaf, then reconnected",
             registry=r,
         )
         self.draining = Gauge(f"{ns}_draining", "1 while the gateway drains its sockets", registry=r)
@@ -175,6 +180,11 @@ class FetcherMetrics:
         )
         self.triggers_unheld = Counter(
             f"{ns}_triggers_unheld_total", "Triggers for sessions no gateway holds", registry=r
+        )
+        self.handover_replayed = Counter(
+            f"{ns}_handover_replayed_total",
+            "Messages kept after another fetcher's hand-over marker and served once this one took the shard",
+            registry=r,
         )
         self.events_dropped = Counter(
             f"{ns}_events_dropped_total",
@@ -228,11 +238,16 @@ class FetcherMetrics:
             registry=r,
         )
         self.redis_subscription_up = Gauge(
-            f"{ns}_redis_subscription_up", "1 while subscribed to session_messages", registry=r
+            f"{ns}_redis_subscription_up", "1 while every subscription of the fetcher is live", registry=r
         )
         self.redis_last_message_age = Gauge(
             f"{ns}_redis_last_message_age_seconds",
             "Seconds since the last message or pong on the fetcher's subscription",
+            registry=r,
+        )
+        self.redis_deaf = Counter(
+            f"{ns}_redis_deaf_total",
+            "Delivery probes that did not come back: a subscription found deaf, then reconnected",
             registry=r,
         )
         self.work_pending = Gauge(f"{ns}_work_pending", "Sessions waiting for or in a fetch", registry=r)

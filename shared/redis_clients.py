@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -35,7 +36,9 @@ def create_client(url: str, *, max_connections: int = 64, wait_seconds: float = 
     redis-py's default pool raises "Too many connections" the moment all are busy: a connect
     storm of 2000 tabs failed 1936 claims that way. A `BlockingConnectionPool` queues callers
     for up to `wait_seconds` instead, so bursts slow down rather than fail. A command that
-    meets a connection the server closed (a Redis restart) is retried on a new connection.
+    meets a connection the server closed (a Redis restart) is retried on a new connection, and
+    so is one answered READONLY: a primary demoted behind one endpoint (a managed Redis's
+    failover) keeps its connections, and only a new connection reaches the new primary.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
@@ -45,7 +48,7 @@ def create_client(url: str, *, max_connections: int = 64, wait_seconds: float = 
         socket_timeout=5,
         health_check_interval=10,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ReadOnlyError],
         **parser_options(),
     )
     return aioredis.Redis(connection_pool=pool)

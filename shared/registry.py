@@ -14,7 +14,8 @@ dropped there, never misrouted. A gateway that holds a socket is always listed o
 returned, as long as it keeps its heartbeat.
 
 Redis layout:
-  * `Keys.gateways_alive` ZSET gateway_id -> liveness expiry (ms, Redis clock).
+  * `Keys.gateways_alive` ZSET gateway_id -> liveness expiry (ms, Redis clock); in a Cluster
+    one copy per key group, written by the same heartbeat.
   * `Keys.route_owners(key)` ZSET gateway_id -> claim time (ms). The key lives `ROUTE_TTL_MS`
     and a gateway re-claims what it holds every `RECLAIM_SECONDS`, so a route nobody reads
     again after its gateways died is gone within a day without any per-route refresh traffic.
@@ -26,8 +27,9 @@ route's lease was refreshed every `ttl/3`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -98,6 +100,7 @@ return result
 """
 )
 
+T = TypeVar("T")
 CLAIM_BATCH = 500  # keys per script call: keeps each call short (Redis is single-threaded)
 
 
@@ -108,6 +111,9 @@ class OwnershipRegistry(Protocol):
 
 
 class RedisOwnershipRegistry:
+    """One Redis implementation. In a Cluster every call is split by key group (`shared.keys`):
+    one script call per group, each touching one slot; elsewhere there is one group."""
+
     def __init__(self, client: aioredis.Redis, keys: Keys, owner_id: str, ttl_seconds: float):
         self._client = client
         self._keys = keys
@@ -120,18 +126,27 @@ class RedisOwnershipRegistry:
     async def heartbeat(self) -> bool:
         """Stay alive for another ttl. True when Redis had no entry for this gateway (first
         beat, or Redis lost its data): the caller should claim everything it holds again."""
-        added = await self._heartbeat(keys=[self._keys.gateways_alive], args=[self._owner_id, self._ttl_ms])
-        return bool(added)
+        added = await asyncio.gather(
+            *(
+                self._heartbeat(keys=[alive], args=[self._owner_id, self._ttl_ms])
+                for alive in self._keys.alive_sets
+            )
+        )
+        return any(added)
 
     async def leave(self) -> None:
-        await self._client.zrem(self._keys.gateways_alive, self._owner_id)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for alive in self._keys.alive_sets:
+                pipe.zrem(alive, self._owner_id)
+            await pipe.execute()
 
     async def claim(self, keys: Sequence[str]) -> None:
-        for batch in _batches(keys, CLAIM_BATCH):
-            await self._claim(
-                keys=[self._keys.gateways_alive, *(self._keys.route_owners(k) for k in batch)],
-                args=[self._owner_id, self._ttl_ms, ROUTE_TTL_MS],
-            )
+        for group, routes in self._by_group(keys):
+            for batch in _batches([route for _, route in routes], CLAIM_BATCH):
+                await self._claim(
+                    keys=[self._keys.gateways_alive(group), *(self._keys.route_owners(k) for k in batch)],
+                    args=[self._owner_id, self._ttl_ms, ROUTE_TTL_MS],
+                )
 
     async def release(self, keys: Sequence[str]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -143,22 +158,31 @@ class RedisOwnershipRegistry:
         return (await self.owners_of([key]))[0]
 
     async def owners_of(self, keys: Sequence[str]) -> list[list[str]]:
-        """Live owners of each route, in one script call per `CLAIM_BATCH` routes."""
-        result: list[list[str]] = []
-        for batch in _batches(keys, CLAIM_BATCH):
-            lists = await self._owners(
-                keys=[self._keys.gateways_alive, *(self._keys.route_owners(k) for k in batch)]
-            )
-            result.extend(decode_names(owners) for owners in lists)
+        """Live owners of each route, in one script call per `CLAIM_BATCH` routes of a group."""
+        result: list[list[str]] = [[] for _ in keys]
+        for group, routes in self._by_group(keys):
+            for batch in _batches(routes, CLAIM_BATCH):
+                lists = await self._owners(
+                    keys=[self._keys.gateways_alive(group), *(self._keys.route_owners(k) for _, k in batch)]
+                )
+                for (index, _), owners in zip(batch, lists, strict=True):
+                    result[index] = decode_names(owners)
         return result
+
+    def _by_group(self, routes: Sequence[str]) -> list[tuple[int, list[tuple[int, str]]]]:
+        """The routes (with their positions) by key group; one group outside a Cluster."""
+        groups: dict[int, list[tuple[int, str]]] = {}
+        for index, route in enumerate(routes):
+            groups.setdefault(self._keys.group_of(route), []).append((index, route))
+        return sorted(groups.items())
 
 
 def decode_names(values: Iterable[bytes | str]) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-def _batches(items: Iterable[str], size: int) -> Iterable[list[str]]:
-    batch: list[str] = []
+def _batches(items: Iterable[T], size: int) -> Iterable[list[T]]:
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:

@@ -134,19 +134,85 @@ def _check_origins(name: str, origins: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(o.rstrip("/") for o in origins)
 
 
+REDIS_MODES = ("node", "sentinel", "cluster")
+
+
+def _host_ports(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port` (IPv6 as `[::1]:26379`), at least one, each port 1-65535."""
+    found = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{name} must be host:port,host:port,..., got {item!r}")
+        found.append((host, int(port)))
+    if not found:
+        raise ConfigError(f"{name} must name at least one host:port")
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class RedisSettings:
+    """Where Redis is: one node (`REDIS_URL`), a master found through Sentinel
+    (`REDIS_SENTINELS` + `REDIS_SENTINEL_MASTER`), or a Cluster (`REDIS_CLUSTER_NODES`).
+    Exactly one way; `shared/redis_topology.py` makes the clients."""
+
     url: str = field(repr=False)
     prefix: str
+    mode: str = "node"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_master: str = ""
+    sentinel_password: str = field(default="", repr=False)
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
+    password: str = field(default="", repr=False)  # the data nodes' (Sentinel and Cluster modes)
 
     def __repr__(self) -> str:
-        return f"RedisSettings(url={redact_url(self.url)!r}, prefix={self.prefix!r})"
+        if self.mode == "sentinel":
+            where = f"sentinels={self.sentinels!r}, master={self.sentinel_master!r}"
+        elif self.mode == "cluster":
+            where = f"cluster_nodes={self.cluster_nodes!r}"
+        else:
+            where = f"url={redact_url(self.url)!r}"
+        return f"RedisSettings(mode={self.mode!r}, {where}, prefix={self.prefix!r})"
 
     @classmethod
     def from_env(cls, env: _Env) -> RedisSettings:
         prefix = env.text("REDIS_PREFIX", "portico:")
         if any(c.isspace() for c in prefix) or len(prefix) > 64:
             raise ConfigError(f"REDIS_PREFIX must be at most 64 characters without spaces, got {prefix!r}")
+        given = [
+            name for name in ("REDIS_URL", "REDIS_SENTINELS", "REDIS_CLUSTER_NODES") if env.text(name, "")
+        ]
+        if len(given) > 1:
+            raise ConfigError(
+                f"set one of REDIS_URL, REDIS_SENTINELS, REDIS_CLUSTER_NODES, not {' and '.join(given)}"
+            )
+        password = env.text("REDIS_PASSWORD", "")
+        if given == ["REDIS_SENTINELS"]:
+            master = env.text("REDIS_SENTINEL_MASTER", "")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", master):
+                raise ConfigError(
+                    f"REDIS_SENTINEL_MASTER must name the master Sentinel watches, got {master!r}"
+                )
+            return cls(
+                url="",
+                prefix=prefix,
+                mode="sentinel",
+                sentinels=_host_ports("REDIS_SENTINELS", env.text("REDIS_SENTINELS", "")),
+                sentinel_master=master,
+                sentinel_password=env.text("REDIS_SENTINEL_PASSWORD", ""),
+                password=password,
+            )
+        if given == ["REDIS_CLUSTER_NODES"]:
+            nodes = _host_ports("REDIS_CLUSTER_NODES", env.text("REDIS_CLUSTER_NODES", ""))
+            return cls(url="", prefix=prefix, mode="cluster", cluster_nodes=nodes, password=password)
+        for name in ("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "REDIS_PASSWORD"):
+            if env.text(name, ""):
+                raise ConfigError(
+                    f"{name} is for Sentinel or Cluster mode; with REDIS_URL the URL carries it"
+                )
         return cls(
             url=env.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")), prefix=prefix
         )

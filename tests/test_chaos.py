@@ -211,7 +211,7 @@ async def chaos(tmp_path) -> AsyncIterator[dict[str, Any]]:
         redis.cleanup()
 
 
-async def converge(env: dict[str, Any]) -> float:
+async def converge(env: dict[str, Any], fault: str = "") -> float:
     """Seconds until every tab shows its session's final version (AssertionError past the bound)."""
     loader: Loader = env["loader"]
     started = time.monotonic()
@@ -228,7 +228,7 @@ async def converge(env: dict[str, Any]) -> float:
             if version(t) != loader.final[t.session]
         ]
         raise AssertionError(
-            f"{len(behind)} tab(s) not on their final cart after {CONVERGENCE_BOUND}s: {behind[:5]}"
+            f"{fault}: {len(behind)} tab(s) not on their final cart after {CONVERGENCE_BOUND}s: {behind[:5]}"
         ) from None
     return time.monotonic() - started
 
@@ -252,7 +252,7 @@ async def test_every_tab_converges_after_every_fault(chaos):
         await heal()
         await loader.run_for(1.0)
         before = loader.version
-        seconds = await converge(env)
+        seconds = await converge(env, name)
         figures.append((name, seconds, before))
 
     redis: LocalRedis = env["redis"]

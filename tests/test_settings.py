@@ -78,6 +78,56 @@ def test_process_refuses_to_start_with_a_bad_value(command, variable):
     assert variable in result.stderr and "configuration error" in result.stderr
 
 
+def test_redis_is_one_node_a_sentinel_set_or_a_cluster():
+    """REDIS_URL, REDIS_SENTINELS (+ REDIS_SENTINEL_MASTER) or REDIS_CLUSTER_NODES: exactly one.
+    With Sentinel or Cluster set, the default REDIS_URL must not be used behind them."""
+    node = GatewaySettings.from_env({}).redis
+    assert node.mode == "node" and node.url == "redis://127.0.0.1:6379/0"
+    sentinel = GatewaySettings.from_env(
+        {
+            "REDIS_SENTINELS": "10.0.0.1:26379, [::1]:26380",
+            "REDIS_SENTINEL_MASTER": "portico",
+            "REDIS_SENTINEL_PASSWORD": "s3cret",
+            "REDIS_PASSWORD": "hunter2",
+        }
+    ).redis
+    assert sentinel.mode == "sentinel" and sentinel.url == ""
+    assert (
+        sentinel.sentinels == (("10.0.0.1", 26379), ("::1", 26380)) and sentinel.sentinel_master == "portico"
+    )
+    assert "s3cret" not in repr(sentinel) and "hunter2" not in repr(sentinel)
+    cluster = FetcherSettings.from_env({"REDIS_CLUSTER_NODES": "redis-0:6379,redis-1:6379"}).redis
+    assert cluster.mode == "cluster" and cluster.url == "" and len(cluster.cluster_nodes) == 2
+    for env, message in [
+        (
+            {"REDIS_URL": "redis://a:6379/0", "REDIS_CLUSTER_NODES": "b:6379"},
+            "REDIS_URL and REDIS_CLUSTER_NODES",
+        ),
+        (
+            {"REDIS_SENTINELS": "a:26379", "REDIS_CLUSTER_NODES": "b:6379"},
+            "REDIS_SENTINELS and REDIS_CLUSTER_NODES",
+        ),
+        ({"REDIS_SENTINELS": "a:26379"}, "REDIS_SENTINEL_MASTER"),
+        ({"REDIS_SENTINELS": "a", "REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS"),
+        ({"REDIS_CLUSTER_NODES": "b:99999"}, "REDIS_CLUSTER_NODES"),
+        ({"REDIS_CLUSTER_NODES": " , "}, "REDIS_CLUSTER_NODES"),
+        ({"REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINEL_MASTER"),
+        ({"REDIS_PASSWORD": "x"}, "REDIS_PASSWORD"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            GatewaySettings.from_env(env)
+
+
+@pytest.mark.parametrize("command", ["portico-gateway", "portico-fetcher"])
+def test_two_redis_topologies_at_once_refuse_to_start(command):
+    binary = os.path.join(os.path.dirname(sys.executable), command)
+    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:6379/0", "REDIS_SENTINELS": "127.0.0.1:26379"}
+    result = subprocess.run([binary], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "REDIS_URL and REDIS_SENTINELS" in lines[0], result.stderr
+
+
 def test_message_budgets_override_the_defaults_and_take_effect():
     """The rate budgets are configurable (`MESSAGE_BUDGETS`): an override replaces that budget
     only, and a tab past it is rate limited."""

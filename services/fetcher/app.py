@@ -32,6 +32,7 @@ def create_app(settings: FetcherSettings) -> Starlette:
     def ready() -> dict[str, bool]:
         return {
             "redis_subscription": fetcher.subscription.healthy,
+            "redis_commands": fetcher.topology.commands_healthy,
             "database": fetcher.db_ok,
             "shards_agree": fetcher.leases.mismatch is None,
             "not_stopping": not fetcher.stopping,

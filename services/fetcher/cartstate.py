@@ -18,6 +18,7 @@ Modes are two characters: owners (`o` yes, `-` no), then the cart:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,26 @@ class CartState:
         return self._snapshot_ttl_ms > 0
 
     async def begin(self, session_hashes: Sequence[str], modes: Sequence[str]) -> list[Begun]:
-        keys = [self._keys.gateways_alive]
+        """One script call for the batch; in a Cluster one per key group, side by side."""
+        groups: dict[int, list[int]] = {}
+        for i, session in enumerate(session_hashes):
+            groups.setdefault(self._keys.group_of(session), []).append(i)
+        replies = await asyncio.gather(
+            *(
+                self._begin_group(group, [session_hashes[i] for i in members], [modes[i] for i in members])
+                for group, members in groups.items()
+            )
+        )
+        begun: list[Begun | None] = [None] * len(session_hashes)
+        for members, group_begun in zip(groups.values(), replies, strict=True):
+            for i, one in zip(members, group_begun, strict=True):
+                begun[i] = one
+        return [b for b in begun if b is not None]
+
+    async def _begin_group(
+        self, group: int, session_hashes: Sequence[str], modes: Sequence[str]
+    ) -> list[Begun]:
+        keys = [self._keys.gateways_alive(group)]
         for session in session_hashes:
             keys += [
                 self._keys.route_owners(session),
@@ -143,26 +163,38 @@ class CartState:
             begun.append(Begun(decode_names(owners), int(seq), cached))
         return begun
 
-    def commit(self, pipe: Any, fresh: Sequence[tuple[str, CartSnapshot]]) -> bool:
+    def commit(self, pipe: Any, fresh: Sequence[tuple[str, CartSnapshot]]) -> int:
         """Queue on `pipe` (before its publishes): store each fresh snapshot while its seq is
-        still the session's latest.
+        still the session's latest. Outside a Cluster only (see `store`).
 
         EVALSHA straight away: a script object on a pipeline would cost a SCRIPT EXISTS round
         trip per batch. If the server does not know the script (Redis restarted), this command
         fails alone and the publishes queued after it still run: the caller loads it again
-        (`load_commit_script`); a snapshot is only ever a saving, never needed. Returns whether
-        a command was queued."""
+        (`load_commit_script`); a snapshot is only ever a saving, never needed. Returns how many
+        commands were queued (0 or 1)."""
+        groups = self._commit_calls(fresh)
+        for keys, args in groups:
+            pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+        return len(groups)
+
+    async def store(self, fresh: Sequence[tuple[str, CartSnapshot]]) -> list[Any]:
+        """`commit` for a Cluster, whose pipelines take no scripts: one call per key group, side
+        by side, before the publishes. Returns each call's result or exception."""
+        calls = [self._commit(keys=keys, args=args) for keys, args in self._commit_calls(fresh)]
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    def _commit_calls(self, fresh: Sequence[tuple[str, CartSnapshot]]) -> list[tuple[list[str], list[Any]]]:
+        """The commit script's keys and arguments, per key group (one outside a Cluster)."""
         if not fresh or not self.snapshots:
-            return False
-        keys: list[str] = []
-        args: list[Any] = []
+            return []
         empty_ttl = min(self._snapshot_ttl_ms, EMPTY_SNAPSHOT_TTL_MS)
+        groups: dict[int, tuple[list[str], list[Any]]] = {}
         for session, snapshot in fresh:
+            keys, args = groups.setdefault(self._keys.group_of(session), ([], []))
             keys += [self._keys.session_seq(session), self._keys.session_cart(session)]
             args += [
                 str(snapshot.seq),
                 snapshot.pack(),
                 empty_ttl if snapshot.count == 0 else self._snapshot_ttl_ms,
             ]
-        pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
-        return True
+        return list(groups.values())

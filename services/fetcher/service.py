@@ -38,10 +38,10 @@ from shared.protocol import (
     session_hash,
     shard_of,
 )
-from shared.redis_clients import create_client
+from shared.redis_topology import RedisTopology
 from shared.registry import RedisOwnershipRegistry
 from shared.settings import FetcherSettings
-from shared.subscription import Subscription
+from shared.subscription import Subscriptions
 from shared.supervision import supervise
 
 from .cartstate import CACHED_OR_NEW, NEW, NONE, PUSH, CartSnapshot, CartState
@@ -83,12 +83,11 @@ class Fetcher:
         metrics: FetcherMetrics | None = None,
     ) -> None:
         self.settings = settings
-        self.keys = Keys(settings.redis.prefix)
+        self.topology = RedisTopology(settings.redis)
+        self.keys = Keys(settings.redis.prefix, self.topology.key_groups)
         self.metrics = metrics or FetcherMetrics()
         self.store = store
-        self.redis = redis or create_client(
-            settings.redis.url, max_connections=settings.fetch_concurrency * 2 + 8
-        )
+        self.redis = redis or self.topology.command_client(max_connections=settings.fetch_concurrency * 2 + 8)
         self.registry = RedisOwnershipRegistry(self.redis, self.keys, "", 1)
         self.cart_state = CartState(
             self.redis,
@@ -114,19 +113,25 @@ class Fetcher:
             before_release=self._drain_shards,
             on_lapsed=self._announce_resync,
             healthy=lambda: self.db_ok,
+            publish_marker=lambda marker: self.redis.publish(self.keys.handover_channel, marker),
+            replay=self._replay,
         )
-        self.subscription = Subscription(
-            settings.redis.url,
-            [
+        self.subscription = Subscriptions(
+            self.topology,
+            self.redis,
+            own=[self.keys.fetcher_requests_channel],
+            # The hand-over markers with the PHP backend's channels, on one connection: in order.
+            plain=[
                 SESSION_MESSAGES_CHANNEL,
                 NOTIFICATIONS_CHANNEL,
                 ROOM_MESSAGES_CHANNEL,
-                self.keys.fetcher_requests_channel,
+                self.keys.handover_channel,
             ],
-            self._on_message,
-            self._on_subscribed,
+            on_message=self._on_message,
+            on_connected=self._on_subscribed,
             name=f"fetcher {settings.fetcher_id}",
             on_state=lambda up: self.metrics.redis_subscription_up.set(1 if up else 0),
+            on_deaf=self.metrics.redis_deaf.inc,
         )
         self.db_ok = False
         self.stopping = False
@@ -144,16 +149,19 @@ class Fetcher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.topology.connect()
         try:
             await self.cart_state.load_commit_script()
         except RedisError as exc:  # Redis down at start: loaded after the first failed commit
             log.warning("could not load the snapshot script yet (%s)", exc)
         self.coalescer.start()
-        self._tasks = [
-            asyncio.create_task(self.subscription.run(), name="subscription"),
-            asyncio.create_task(self.leases.run(), name="leases"),
-            asyncio.create_task(self._watch_database(), name="db-check"),
+        loops = [
+            *self.subscription.loops(),
+            *self.topology.loops(self.redis),
+            ("leases", self.leases.run()),
+            ("db-check", self._watch_database()),
         ]
+        self._tasks = [asyncio.create_task(loop, name=name) for name, loop in loops]
         for task in self._tasks:
             supervise(task, self._on_loop_died)
         log.info("fetcher %s started: %r", self.settings.fetcher_id, self.settings)
@@ -168,30 +176,32 @@ class Fetcher:
         self._tasks.append(task)
 
     async def stop(self) -> None:
-        """Stop taking work, finish what is in flight, hand the shards over (`shutdown.py`
-        has the order and the durations)."""
+        """Hand the shards over at a marker, finish what is in flight, stop (`shutdown.py` has
+        the order and the durations)."""
         self.stopping = True
-        self.subscription.stop()
         for _work, handle in self._retries.values():
             handle.cancel()
-        try:
-            await asyncio.wait_for(self.coalescer.wait_idle(), IN_FLIGHT_SECONDS)
-        except TimeoutError:
-            log.warning("fetcher: in-flight work did not finish within %.0fs", IN_FLIGHT_SECONDS)
         try:
             await asyncio.wait_for(self.leases.stop(), RELEASE_SECONDS)
         except TimeoutError:
             log.warning("fetcher: shard leases not released within %.0fs; they expire", RELEASE_SECONDS)
+        self.subscription.stop()
+        try:
+            await asyncio.wait_for(self.coalescer.wait_idle(), IN_FLIGHT_SECONDS)
+        except TimeoutError:
+            log.warning("fetcher: in-flight work did not finish within %.0fs", IN_FLIGHT_SECONDS)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.coalescer.stop()
         await self.redis.aclose()
+        await self.topology.aclose()
 
     @property
     def ready(self) -> bool:
         return (
             self.subscription.healthy
+            and self.topology.commands_healthy
             and self.db_ok
             and self.leases.mismatch is None
             and not self.stopping
@@ -223,28 +233,48 @@ class Fetcher:
     # -- inputs ----------------------------------------------------------------------------
 
     async def _on_subscribed(self) -> None:
+        # A hand-over marker may have passed while we were not subscribed: stop waiting for it.
+        await self.leases.serve_overdue(all_awaited=True, announce=False)
         # Triggers published while we were deaf are lost: have the gateways ask again.
         held = self.leases.held()
         if held:
             await self._announce_resync(held)
 
     async def _on_message(self, channel: str, data: bytes) -> None:
+        self._dispatch(channel, data)
+
+    def _dispatch(self, channel: str, data: bytes) -> None:
+        """One message, in the order the subscription received it (the hand-over cut relies on
+        it: nothing here awaits)."""
         if channel == SESSION_MESSAGES_CHANNEL:
             self._on_trigger(data)
         elif channel == NOTIFICATIONS_CHANNEL:
             self._on_routed(channel, data, parse_notification)
         elif channel == ROOM_MESSAGES_CHANNEL:
             self._on_routed(channel, data, parse_room_message)
+        elif channel == self.keys.handover_channel:
+            self.leases.handovers.on_marker(data)
         else:
             self._on_request(data)
 
-    def _serves(self, session_id: str) -> bool:
-        return self._serves_route(session_hash(session_id))
+    def _replay(self, messages: list[tuple[str, bytes]]) -> None:
+        """What came after a hand-over marker, before this fetcher served the shard."""
+        self.metrics.handover_replayed.inc(len(messages))
+        for channel, data in messages:
+            self._dispatch(channel, data)
 
-    def _serves_route(self, route: str) -> bool:
-        if self.leases.owns(shard_of(route, self.settings.shards)):
+    def _serves(self, session_id: str, message: tuple[str, bytes] | None = None) -> bool:
+        return self._serves_route(session_hash(session_id), message)
+
+    def _serves_route(self, route: str, message: tuple[str, bytes] | None = None) -> bool:
+        """Whether this fetcher serves the route's shard now. A message of the PHP backend for a
+        shard it does not serve is kept if that shard is changing hands (`handover.py`)."""
+        shard = shard_of(route, self.settings.shards)
+        if self.leases.owns(shard):
             return True
         self.metrics.triggers_other_shard.inc()
+        if message is not None:
+            self.leases.handovers.keep(shard, message)
         return False
 
     def _on_routed(self, channel: str, data: bytes, parse: Callable[[bytes, int], Routed]) -> None:
@@ -255,7 +285,7 @@ class Fetcher:
             self.metrics.triggers_invalid.labels(exc.reason).inc()
             log.warning("%s: dropped invalid payload (%s)", channel, exc)
             return
-        if not self._serves_route(routed.route):
+        if not self._serves_route(routed.route, (channel, data)):
             return
         self.metrics.triggers.labels(channel).inc()
         if routed.session_id is not None:
@@ -272,7 +302,7 @@ class Fetcher:
             self.metrics.triggers_invalid.labels(exc.reason).inc()
             log.warning("session_messages: dropped invalid payload (%s)", exc)
             return
-        if not self._serves(trigger.session_id):
+        if not self._serves(trigger.session_id, (SESSION_MESSAGES_CHANNEL, data)):
             return
         self.metrics.triggers.labels(trigger.type).inc()
         if trigger.type == UPDATE_PARTIAL_APPLICATIONS:
@@ -386,8 +416,9 @@ class Fetcher:
         # only costs a later read; a publish that failed fails the work, which is retried.
         if errors:
             raise errors[0]
-        if isinstance(stored, Exception):
-            log.info("cart snapshots not stored (%s); loading the script again", stored)
+        failed = [result for result in stored if isinstance(result, Exception)]
+        if failed:
+            log.info("cart snapshots not stored (%s); loading the script again", failed[0])
             await self.cart_state.load_commit_script()
         for kind, count in outgoing.counts.items():
             self.metrics.deliveries_published.labels(kind).inc(count)
@@ -407,28 +438,28 @@ class Fetcher:
 
     async def _commit_and_publish(
         self, fresh: list[tuple[str, CartSnapshot]], outgoing: GatewayMessages
-    ) -> tuple[Any, list[Exception]]:
+    ) -> tuple[list[Any], list[Exception]]:
         """Store the batch's fresh snapshots and publish its messages, in pipelines of at most
         PIPELINE_BYTES: each gateway's subscriber is sent what a pipeline publishes at once, and
-        Redis disconnects one whose output buffer passes 32 MiB. Returns the snapshot command's
-        result (None when there was none) and the errors of the publishes."""
-        stored: Any = None
+        Redis disconnects one whose output buffer passes 32 MiB. Returns the snapshot commands'
+        results and the errors of the publishes."""
+        stored: list[Any] = []
         errors: list[Exception] = []
+        if self.topology.sharded:  # a Cluster's pipelines take no scripts
+            stored = await self.cart_state.store(fresh)
         async with self.redis.pipeline(transaction=False) as pipe:  # execute() empties it
-            queued_commit = self.cart_state.commit(pipe, fresh)
+            queued = 0 if self.topology.sharded else self.cart_state.commit(pipe, fresh)
             size = 0
             for channel, message in outgoing.messages(self.keys.gateway_channel):
                 if size and size + len(message) > PIPELINE_BYTES:
                     results = await pipe.execute(raise_on_error=False)
-                    if queued_commit:
-                        stored, results, queued_commit = results[0], results[1:], False
+                    stored, results, queued = stored + results[:queued], results[queued:], 0
                     errors += [r for r in results if isinstance(r, Exception)]
                     size = 0
-                pipe.publish(channel, message)
+                self.topology.publish(pipe, channel, message)
                 size += len(message)
             results = await pipe.execute(raise_on_error=False)
-        if queued_commit:
-            stored, results = results[0], results[1:]
+        stored, results = stored + results[:queued], results[queued:]
         errors += [r for r in results if isinstance(r, Exception)]
         return stored, errors
 
@@ -439,7 +470,7 @@ class Fetcher:
             # sends only the rest.
             while work.events:
                 event = Event(work.events[0], broadcast=True, received_at=work.received_at)
-                await self.redis.publish(self.keys.gateways_channel, encode(event))
+                await self.topology.publish(self.redis, self.keys.gateways_channel, encode(event))
                 work.events.pop(0)
                 self.metrics.deliveries_published.labels("broadcast").inc()
             return
@@ -544,7 +575,7 @@ class Fetcher:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for gateway, envelope in envelopes.items():
-                pipe.publish(self.keys.gateway_channel(gateway), encode(envelope))
+                self.topology.publish(pipe, self.keys.gateway_channel(gateway), encode(envelope))
             await pipe.execute()
         self.metrics.deliveries_published.labels(kind).inc(len(envelopes))
 
@@ -552,7 +583,7 @@ class Fetcher:
 
     async def _announce_resync(self, shards: list[int]) -> None:
         resync = Resync(shards, self.settings.shards)
-        await self.redis.publish(self.keys.gateways_channel, encode(resync))
+        await self.topology.publish(self.redis, self.keys.gateways_channel, encode(resync))
 
     def _shard_of_work(self, lane: str) -> int:
         """The shard of a coalescer lane: a `room:` route, or a session id."""

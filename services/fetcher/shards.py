@@ -19,10 +19,12 @@ alive (3 x ttl). A replica with another value holds nothing, is not ready, and s
 (`mismatch`), until the value it disagrees with is gone: a rolling change of SHARDS stalls
 (safely) instead of serving overlapping shards; change it by scaling the fetchers to zero.
 
-Hand-over gap: between a release (or a death) and the next claim nobody serves that shard, and
-triggers in that window are lost. The claimer therefore announces the shards it gained; gateways
-answer with a refresh for every session of theirs in those shards. A duplicate push is possible
-around a hand-over, a lost final state is not.
+Hand-over: a graceful release cuts the message stream at a marker (`handover.py`): the giver
+serves up to it, the claimer from it, replaying what it kept meanwhile, so no event is lost or
+doubled. After a death (no marker) nobody serves the shard until its lease expires, and what was
+published meanwhile is lost. Either way the claimer announces the shards it gained; gateways
+answer with a refresh for every session of theirs in those shards. A duplicate cart push is
+possible around a hand-over, a lost final state is not.
 
 Renewal never waits: releasing surplus shards waits for their in-flight work (up to TTL/2),
 and when that wait ran inside the renewal tick, the tick outlasted the local validity
@@ -45,6 +47,8 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from shared.keys import Keys
+
+from .handover import Handovers, Message
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +91,47 @@ end
 return held
 """
 
-# KEYS: lease keys. ARGV: id. Deletes those still ours.
+# KEYS: (lease, hand-over) key pairs. ARGV: id, marker id ('' for none: the cut was not exact),
+# hand-over key ttl ms. Frees the leases still ours and records beside each the marker they were
+# given up at.
 _RELEASE = """
 local n = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key); n = n + 1 end
+for i = 1, #KEYS / 2 do
+  if redis.call('GET', KEYS[2 * i - 1]) == ARGV[1] then
+    redis.call('DEL', KEYS[2 * i - 1])
+    if ARGV[2] == '' then
+      redis.call('DEL', KEYS[2 * i])
+    else
+      redis.call('SET', KEYS[2 * i], ARGV[2], 'PX', ARGV[3])
+    end
+    n = n + 1
+  end
 end
 return n
 """
 
+# KEYS: (lease, hand-over) key pairs. ARGV: id, ttl ms. Claims the free leases; for each pair 0
+# (taken by another) or the marker the shard was given up at, read and deleted ('' for none: its
+# holder died, or it was never held). Deleted, so that a later claim after a death does not
+# mistake it for its own hand-over.
+_CLAIM = """
+local result = {}
+for i = 1, #KEYS / 2 do
+  if redis.call('SET', KEYS[2 * i - 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    result[i] = redis.call('GET', KEYS[2 * i]) or ''
+    redis.call('DEL', KEYS[2 * i])
+  else
+    result[i] = 0
+  end
+end
+return result
+"""
+
 ShardsHandler = Callable[[list[int]], Awaitable[None]]
+
+
+async def _no_marker(data: bytes) -> None:
+    raise RuntimeError("no hand-over channel: the shards change hands with a gap")
 
 
 class ShardLeases:
@@ -112,6 +147,8 @@ class ShardLeases:
         before_release: ShardsHandler,
         on_lapsed: ShardsHandler | None = None,
         healthy: Callable[[], bool] = lambda: True,
+        publish_marker: Callable[[bytes], Awaitable[object]] | None = None,
+        replay: Callable[[list[Message]], None] = lambda messages: None,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -125,11 +162,21 @@ class ShardLeases:
         self._healthy = healthy  # can this fetcher serve carts (its database check passes)?
         self.mismatch: str | None = None  # why it holds nothing: its SHARDS is not the fleet's
         self._releases: set[asyncio.Task[None]] = set()
-        self._held: set[int] = set()
+        self._held: set[int] = set()  # leases held (renewed), served unless waiting
+        self._waiting: set[int] = set()  # held, but not served until their hand-over marker passes
+        self._releasing: set[int] = set()  # held until their marker passes, then freed
+        self._replay = replay
+        self.handovers = Handovers(
+            fetcher_id,
+            publish=publish_marker or _no_marker,
+            on_cut=self._held.difference_update,
+            on_serve=self._waiting.difference_update,
+        )
         self._valid_until = 0.0  # monotonic; leases are trusted locally until then
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._claim_leases = client.register_script(_CLAIM)
         # Rendezvous order: each replica prefers different shards, so claims rarely collide.
         self._preference = sorted(
             range(shards), key=lambda n: hashlib.sha256(f"{fetcher_id}:{n}".encode()).digest()
@@ -141,7 +188,7 @@ class ShardLeases:
         return self._ttl / 3
 
     def owns(self, shard: int) -> bool:
-        return shard in self._held and time.monotonic() < self._valid_until
+        return shard in self._held and shard not in self._waiting and time.monotonic() < self._valid_until
 
     def held(self) -> list[int]:
         return sorted(self._held) if time.monotonic() < self._valid_until else []
@@ -159,6 +206,7 @@ class ShardLeases:
 
     async def tick(self) -> None:
         started = time.monotonic()
+        await self.serve_overdue()
         healthy_here = self._healthy()
         live, healthy, fleet = await self._heartbeat(
             keys=[self._keys.fetchers, self._keys.fetchers_healthy, self._keys.fetchers_shards],
@@ -188,7 +236,7 @@ class ShardLeases:
             lost = self._held - still
             if lost:
                 log.warning("shard leases: lost %d shard(s) to expiry", len(lost))
-            self._held = still
+            self._held.intersection_update(still)  # in place: the hand-over's callbacks hold it
         lapsed = bool(self._held) and 0 < self._valid_until <= time.monotonic()  # 0: never renewed yet
         # Trust the leases until slightly before they can expire in Redis.
         self._valid_until = started + self._ttl * 0.8
@@ -203,11 +251,25 @@ class ShardLeases:
             fair = 0  # another fetcher can serve: this one takes no work
         else:
             fair = math.ceil(self.shards / max(int(live), 1))
-        if len(self._held) > fair:
-            surplus = [n for n in reversed(self._preference) if n in self._held][: len(self._held) - fair]
+        keeping = self._held - self._releasing
+        if len(keeping) > fair:
+            surplus = [n for n in reversed(self._preference) if n in keeping][: len(keeping) - fair]
             self._release_in_background(surplus)
-        elif len(self._held) < fair:
-            await self._claim(fair - len(self._held))
+        elif len(keeping) < fair:
+            await self._claim(fair - len(keeping))
+
+    async def serve_overdue(self, *, all_awaited: bool = False, announce: bool = True) -> None:
+        """Serve the claimed shards whose hand-over marker never came (`Handovers.overdue`),
+        replaying what was kept meanwhile; the gateways are told to ask again for their carts."""
+        late = self.handovers.overdue(all_awaited=all_awaited)
+        if not late:
+            return
+        self._waiting.difference_update(late)
+        for messages in late.values():
+            if messages:
+                self._replay(messages)
+        if announce and self._on_lapsed is not None:
+            await self._on_lapsed(sorted(late))
 
     def _release_in_background(self, shards: list[int]) -> None:
         """Stop serving `shards` now; free their leases once their work is done, beside the
@@ -222,27 +284,44 @@ class ShardLeases:
         free = [n for n, v in zip(candidates, values, strict=True) if v is None][:wanted]
         if not free:
             return
-        async with self._client.pipeline(transaction=False) as pipe:
-            for n in free:
-                pipe.set(self._keys.shard_lease(n), self._id, nx=True, px=self._ttl_ms)
-            results = await pipe.execute()
-        gained = [n for n, ok in zip(free, results, strict=True) if ok]
+        keys = [key for n in free for key in (self._keys.shard_lease(n), self._keys.shard_handover(n))]
+        markers = await self._claim_leases(keys=keys, args=[self._id, self._ttl_ms])
+        gained = []
+        for n, marker in zip(free, markers, strict=True):
+            if marker == 0:
+                continue  # another fetcher was quicker
+            gained.append(n)
+            text = marker.decode() if isinstance(marker, bytes) else str(marker)
+            replay = self.handovers.adopt(n, text or None)
+            self._held.add(n)
+            if replay is None:
+                self._waiting.add(n)  # served from its marker on
+            elif replay:
+                self._replay(replay)  # what came after the marker, before the live messages
         if gained:
-            self._held.update(gained)
             log.info("shard leases: gained %d shard(s), now %d", len(gained), len(self._held))
             await self._on_gained(sorted(gained))
 
     async def release(self, shards: list[int]) -> None:
-        """Stop serving `shards`, let in-flight work finish, then free the leases."""
+        """Stop serving `shards` at a hand-over marker, let in-flight work finish, then free the
+        leases (see `handover.py`)."""
+        shards = [n for n in shards if n not in self._releasing]
         if not shards:
             return
-        self._held.difference_update(shards)
+        self._releasing.update(shards)
+        self._waiting.difference_update(shards)
+        self.handovers.forget(shards)
         try:
+            marker = await self.handovers.cut(shards)  # `_held` loses them at the marker
             await self._before_release(shards)
-            await self._release(keys=[self._keys.shard_lease(n) for n in shards], args=[self._id])
+            keys = [key for n in shards for key in (self._keys.shard_lease(n), self._keys.shard_handover(n))]
+            await self._release(keys=keys, args=[self._id, marker, self._ttl_ms * 3])
         except Exception as exc:  # they expire by TTL instead
             log.warning("shard leases: release of %d shard(s) failed (%s)", len(shards), exc)
             return
+        finally:
+            self._held.difference_update(shards)
+            self._releasing.difference_update(shards)
         log.info("shard leases: released %d shard(s), now %d", len(shards), len(self._held))
 
     async def stop(self) -> None:

@@ -3,13 +3,13 @@
 On SIGTERM uvicorn stops accepting HTTP (health and metrics only), then runs the lifespan's
 shutdown, `Fetcher.stop`:
 
-  stop taking work   the subscription stops at once, and queued retries are cancelled:
-                     triggers published from now on go to the fetchers that take the shards
-  in flight          IN_FLIGHT_SECONDS for running fetch batches to read, publish and finish
-                     (a cart read but not published would be lost until the next trigger)
-  release            RELEASE_SECONDS to free the shard leases in Redis (the others claim them
-                     on their next tick and tell the gateways to re-ask), stop the loops and
-                     close the pools
+  hand over          RELEASE_SECONDS: not ready at once; the shards are given up at a marker in
+                     the message stream (`handover.py`): served up to it, the work of those
+                     shards still queued or running is finished, then the leases are freed and
+                     the others claim them on their next tick, serving from the marker on
+  in flight          IN_FLIGHT_SECONDS: the subscription stops, and whatever work is left (a
+                     retry, a request) finishes (a cart read but not published would be lost
+                     until the next trigger); then the loops stop and the pools close
   HTTP               HTTP_SECONDS: uvicorn's graceful timeout for open health/metrics requests
   total              `shutdown_seconds()`
   grace period       `grace_period_seconds()`: what Kubernetes (`terminationGracePeriodSeconds`)
@@ -22,8 +22,8 @@ instead (the leases expire), never a lost cart: the gateways re-ask when the sha
 
 from __future__ import annotations
 
-IN_FLIGHT_SECONDS = 10.0
-RELEASE_SECONDS = 5.0
+IN_FLIGHT_SECONDS = 7.0
+RELEASE_SECONDS = 8.0
 HTTP_SECONDS = 5.0
 
 

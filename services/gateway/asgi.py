@@ -68,6 +68,7 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
     def ready() -> dict[str, bool]:
         return {
             "redis_subscription": gateway.subscription.healthy,
+            "redis_commands": gateway.topology.commands_healthy,
             "not_draining": not gateway.draining,
             "background_tasks": gateway.failure is None,
         }

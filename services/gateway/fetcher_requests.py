@@ -21,6 +21,7 @@ from shared.batching import Batcher
 from shared.envelopes import GET, JOIN, CartRequest, CartRequests, Refresh, encode
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
+from shared.redis_topology import RedisTopology
 
 from .hub import Hub
 from .pending_requests import RETRY, PendingRequest, PendingRequests
@@ -39,6 +40,7 @@ class FetcherRequests:
     def __init__(
         self,
         redis: aioredis.Redis,
+        topology: RedisTopology,
         keys: Keys,
         gateway_id: str,
         hub: Hub[Tab],
@@ -48,6 +50,7 @@ class FetcherRequests:
         reply: Callable[[Tab, dict[str, Any]], None],
     ) -> None:
         self._redis = redis
+        self._topology = topology
         self._channel = keys.fetcher_requests_channel
         self._gateway_id = gateway_id
         self._hub = hub
@@ -84,7 +87,9 @@ class FetcherRequests:
 
     async def _publish(self, items: list[CartRequest]) -> None:
         try:
-            await self._redis.publish(self._channel, encode(CartRequests(self._gateway_id, items)))
+            await self._topology.publish(
+                self._redis, self._channel, encode(CartRequests(self._gateway_id, items))
+            )
         except RedisError as exc:
             # Joins are asked again by the sweep; a get times out with an error reply.
             log.warning("%d cart request(s) not sent (%s)", len(items), exc)
@@ -94,7 +99,7 @@ class FetcherRequests:
         sids = list(session_ids)
         for start in range(0, len(sids), REFRESH_BATCH):
             refresh = Refresh(self._gateway_id, sids[start : start + REFRESH_BATCH])
-            await self._redis.publish(self._channel, encode(refresh))
+            await self._topology.publish(self._redis, self._channel, encode(refresh))
 
     async def _sweep(self) -> None:
         while True:

@@ -33,10 +33,10 @@ from shared.gc_tuning import keep_long_lived_frozen
 from shared.keys import Keys
 from shared.metrics import GatewayMetrics
 from shared.protocol import CloseCode, room_route
-from shared.redis_clients import create_client
+from shared.redis_topology import RedisTopology
 from shared.registry import RedisOwnershipRegistry
 from shared.settings import GatewaySettings
-from shared.subscription import Subscription
+from shared.subscription import Subscriptions
 from shared.supervision import supervise
 
 from .budgets import Limits
@@ -77,9 +77,10 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, *, metrics: GatewayMetrics | None = None) -> None:
         self.settings = settings
         self.id = settings.gateway_id
-        self.keys = Keys(settings.redis.prefix)
+        self.topology = RedisTopology(settings.redis)
+        self.keys = Keys(settings.redis.prefix, self.topology.key_groups)
         self.metrics = metrics or GatewayMetrics()
-        self.redis = create_client(settings.redis.url)
+        self.redis = self.topology.command_client()
         self.registry = RedisOwnershipRegistry(self.redis, self.keys, self.id, settings.ownership_ttl_seconds)
         self.limits = Limits.of(
             settings.bad_message_burst, settings.bad_message_refill_per_second, settings.message_budgets
@@ -89,6 +90,7 @@ class Gateway:
         self.writer = Writer(self.metrics, self._detach)
         self.requests = FetcherRequests(
             self.redis,
+            self.topology,
             self.keys,
             self.id,
             self.hub,
@@ -100,14 +102,18 @@ class Gateway:
             self.registry, self.hub, settings.ownership_ttl_seconds, has_sockets=lambda: bool(self.tabs)
         )
         self.fanout = Fanout(self.hub, self.tabs, self.writer, self.requests, self.metrics)
-        self.relays = Relays(self.hub, self.writer, self.registry, self.redis, self.keys, self.id)
-        self.subscription = Subscription(
-            settings.redis.url,
-            [self.keys.gateway_channel(self.id), self.keys.gateways_channel],
-            self.fanout.on_message,
-            self._on_subscribed,
+        self.relays = Relays(
+            self.hub, self.writer, self.registry, self.redis, self.topology, self.keys, self.id
+        )
+        self.subscription = Subscriptions(
+            self.topology,
+            self.redis,
+            own=[self.keys.gateway_channel(self.id), self.keys.gateways_channel],
+            on_message=self.fanout.on_message,
+            on_connected=self._on_subscribed,
             name=f"gateway {self.id}",
             on_state=lambda up: self.metrics.redis_subscription_up.set(1 if up else 0),
+            on_deaf=self.metrics.redis_deaf.inc,
         )
         self.draining = False  # set by `drain` only
         self.failure: str | None = None  # set when an essential background loop died
@@ -121,8 +127,10 @@ class Gateway:
 
     async def start(self, transport_loops: Iterable[Loop] = ()) -> None:
         """Start the background loops (the core's, and those a transport brings)."""
+        await self.topology.connect()
         loops: list[Loop] = [
-            ("subscription", self.subscription.run()),
+            *self.subscription.loops(),
+            *self.topology.loops(self.redis),
             *self.ownership.loops(),
             *self.requests.loops(),
             ("server-ping", self._send_server_pings()),
@@ -154,10 +162,16 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.redis.aclose()
+        await self.topology.aclose()
 
     @property
     def ready(self) -> bool:
-        return self.subscription.healthy and not self.draining and self.failure is None
+        return (
+            self.subscription.healthy
+            and self.topology.commands_healthy
+            and not self.draining
+            and self.failure is None
+        )
 
     async def drain(self) -> None:
         """Hand every tab over to the other gateways without a stampede or a lost update

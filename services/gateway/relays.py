@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from shared.envelopes import Event, encode
 from shared.keys import Keys
 from shared.protocol import room_route
+from shared.redis_topology import RedisTopology
 from shared.registry import RedisOwnershipRegistry
 
 from .hub import Hub
@@ -33,6 +34,7 @@ class Relays:
         writer: Writer,
         registry: RedisOwnershipRegistry,
         redis: aioredis.Redis,
+        topology: RedisTopology,
         keys: Keys,
         gateway_id: str,
     ) -> None:
@@ -40,6 +42,7 @@ class Relays:
         self._writer = writer
         self._registry = registry
         self._redis = redis
+        self._topology = topology
         self._keys = keys
         self._gateway_id = gateway_id
 
@@ -72,7 +75,7 @@ class Relays:
             message = encode(event)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for gateway in owners:
-                    pipe.publish(self._keys.gateway_channel(gateway), message)
+                    self._topology.publish(pipe, self._keys.gateway_channel(gateway), message)
                 await pipe.execute()
         except RedisError as exc:
             log.warning("relay not sent to other gateways (%s)", exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.cli import publish_trigger
@@ -55,8 +55,12 @@ class Stack:
     gateways: list[RunningGateway] = field(default_factory=list)
     fetchers: list[Fetcher] = field(default_factory=list)
     stores: list[PostgresCartStore] = field(default_factory=list)
+    # Sentinel or Cluster (`tests/support/redis_topologies.py`); None: the node at `redis_url`
+    topology: RedisSettings | None = None
 
     def redis_settings(self) -> RedisSettings:
+        if self.topology is not None:
+            return replace(self.topology, prefix=self.prefix)
         return RedisSettings(url=self.redis_url, prefix=self.prefix)
 
     async def add_gateway(self, **overrides: Any) -> RunningGateway:
@@ -132,9 +136,15 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    redis_url: str, database_url: str, prefix: str, *, gateways: int = 2, fetchers: int = 2
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    *,
+    gateways: int = 2,
+    fetchers: int = 2,
+    topology: RedisSettings | None = None,
 ) -> AsyncIterator[Stack]:
-    stack = Stack(redis_url, database_url, prefix)
+    stack = Stack(redis_url, database_url, prefix, topology=topology)
     try:
         for _ in range(fetchers):
             await stack.add_fetcher()
@@ -156,6 +166,6 @@ def session_served_by(fetcher: Fetcher, prefix: str) -> str:
     )
 
 
-async def trigger(redis_url: str, session_id: str) -> None:
+async def trigger(redis: str | RedisSettings, session_id: str) -> None:
     """Publish exactly what the PHP backend publishes after a cart change."""
-    await publish_trigger(redis_url, session_id)
+    await publish_trigger(redis, session_id)
