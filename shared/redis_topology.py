@@ -62,25 +62,31 @@ class SentinelBlockingConnectionPool(SentinelConnectionPool, BlockingConnectionP
     pool does (`shared.redis_clients.create_client`), instead of failing a burst."""
 
 
+# What redis-py 8.1's asyncio Cluster client raises when a slot map refresh closes a connection
+# that a concurrent command is using (see `_Cluster`).
+_TORN_DOWN = (AttributeError, RuntimeError)
+
+
 class _ClusterPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except AttributeError as exc:
+        except _TORN_DOWN as exc:
             raise RedisConnectionError(f"connection reset by a slot map refresh ({exc})") from exc
 
 
 class _Cluster(RedisCluster):
     """redis-py 8.1's asyncio Cluster client with one defect contained: a command that races the
     client's (re)initialisation (concurrent first calls; a slot map refresh after a failover)
-    can fail with an AttributeError on a connection torn down beneath it (seen here: 1 in 16
-    concurrent first calls, and it killed the loop that made it). Reported as the connection
+    fails with an AttributeError or a RuntimeError ("the handler is closed") on a connection
+    torn down beneath it (seen here: 1 in 16 concurrent first calls; after a primary's death,
+    in the chaos suite; each killed the loop that made the call). Reported as the connection
     error it is, so that callers retry it like any other."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
-        except AttributeError as exc:
+        except _TORN_DOWN as exc:
             raise RedisConnectionError(f"connection reset by a slot map refresh ({exc})") from exc
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:

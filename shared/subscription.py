@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectedHandler = Callable[[], Awaitable[None]]
 PROBE = b"\x00portico-probe\x00"
+TRAIL_SECONDS = 30.0  # at most, listening to an old master after Sentinel's switch (`_trail`)
 
 
 class Deaf(RedisError):
@@ -41,6 +42,18 @@ class Deaf(RedisError):
 
 class Moved(RedisError):
     """The node to listen on changed (Sentinel's new master, a slot moved): reconnect now."""
+
+
+class Switched(Moved):
+    """Sentinel named a new master: reconnect there, and trail the old one (`_trail`)."""
+
+
+async def _close(pubsub: Any, client: Any) -> None:
+    try:
+        await pubsub.aclose()
+        await client.aclose()
+    except Exception:  # the connection is already broken; nothing to clean
+        pass
 
 
 Publish = Callable[[str, bytes], Awaitable[Any]]
@@ -112,6 +125,8 @@ class Subscription:
         self.last_message_at: float | None = None  # monotonic time of the last message or pong
         self.reconnects = 0
         self.deaf_detected = 0
+        self.trailed = 0  # messages heard from an old master after a switch
+        self._trailing: set[asyncio.Task[None]] = set()
 
     def _set_live(self, live: bool) -> None:
         if self.live != live:
@@ -123,7 +138,7 @@ class Subscription:
         self._stopping.set()
 
     def restart(self) -> None:
-        """Reconnect now, resolving the node again (Sentinel announced a new master)."""
+        """Reconnect now to the master Sentinel announced, trailing the old one."""
         self._restart.set()
 
     @property
@@ -168,6 +183,7 @@ class Subscription:
         self._restart.clear()
         client = await self._topology.subscriber_client(self._channels[0])
         pubsub = client.pubsub()
+        trailing = False
         try:
             channels = [*self._channels, self.probe_channel]
             if self._sharded:
@@ -183,13 +199,49 @@ class Subscription:
             log.info("%s: subscribed to %d channel(s)", self._name, len(self._channels))
             await self._on_connected()
             await self._pump(pubsub)
+        except Switched:
+            trailing = True
+            self._trail(pubsub, client)
+            raise
         finally:
             self._set_live(False)
+            if not trailing:
+                await _close(pubsub, client)
+
+    def _trail(self, pubsub: Any, client: Any) -> None:
+        """Sentinel switched masters: the old one keeps taking PUBLISH until Sentinel demotes it
+        (about 10 s; it then drops its clients), and a publisher that has not switched yet (the
+        PHP backend on a kept connection) still publishes there. Keep listening to it, beside
+        the new subscription, until it drops us or `TRAIL_SECONDS` pass: a trigger published on
+        the old master in that window was lost otherwise (seen in the chaos suite: tabs left on
+        an older cart)."""
+
+        async def trail() -> None:
+            deadline = time.monotonic() + TRAIL_SECONDS
+            data_kind = "smessage" if self._sharded else "message"
             try:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-                await client.aclose()
-            except Exception:  # the connection is already broken; nothing to clean
-                pass
+                while time.monotonic() < deadline and not self._stopping.is_set():
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    kind = message["type"]
+                    kind = kind.decode() if isinstance(kind, bytes) else kind
+                    channel = message["channel"]
+                    channel = channel.decode() if isinstance(channel, bytes) else channel
+                    if kind == data_kind and channel != self.probe_channel:
+                        self.trailed += 1
+                        try:
+                            await self._on_message(channel, message["data"])
+                        except Exception:
+                            log.exception("%s: handler failed; message dropped", self._name)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.info("%s: the old master is gone or demoted (%s)", self._name, exc)
+            finally:
+                await _close(pubsub, client)
+
+        task = asyncio.get_running_loop().create_task(trail(), name=f"{self._name} trailing")
+        self._trailing.add(task)
+        task.add_done_callback(self._trailing.discard)
 
     async def _pump(self, pubsub: Any) -> None:
         now = time.monotonic()
@@ -200,7 +252,7 @@ class Subscription:
         try:
             while not self._stopping.is_set():
                 if self._restart.is_set():
-                    raise Moved("the master changed (Sentinel)")
+                    raise Switched("Sentinel switched masters")
                 message = await pubsub.get_message(timeout=min(1.0, self._probe_interval))
                 now = time.monotonic()
                 if message is not None:

@@ -314,10 +314,28 @@ class LocalCluster:
         wait_for(lambda: client(port).info("replication")["role"] == "slave", timeout, "the node to rejoin")
         self.wait_ok(timeout)
 
+    def agreed_owner(self, slot: int, timeout: float = 20) -> int:
+        """The primary every live node names for `slot`, once they all name the same one (a node
+        that rejoined, or a migration just done, may lag behind for a moment)."""
+
+        def agreed() -> int | None:
+            owners = set()
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                for start, end, primary, *_ in client(node.port).execute_command("CLUSTER", "SLOTS"):
+                    if int(start) <= slot <= int(end):
+                        owners.add(int(primary[1]))
+            return owners.pop() if len(owners) == 1 else None
+
+        return int(wait_for(agreed, timeout, f"every node to agree on the owner of slot {slot}"))
+
     def migrate_slot(self, slot: int, to_port: int) -> None:
         """Move one slot and its keys to another primary, the way `redis-cli --cluster reshard`
-        does: IMPORTING/MIGRATING, MIGRATE the keys, then SETSLOT NODE on every primary."""
-        source_port = self.primary_of_slot(slot)
+        does: IMPORTING/MIGRATING, MIGRATE the keys, then SETSLOT NODE on every primary; returns
+        once every node agrees. (Taking the owner from one node's view, which lagged, once left
+        two primaries each naming the other for a slot.)"""
+        source_port = self.agreed_owner(slot)
         if source_port == to_port:
             return
         source, target = client(source_port), client(to_port)
@@ -328,6 +346,23 @@ class LocalCluster:
             source.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
         for port in (to_port, source_port, *self.primaries()):
             client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        wait_for(lambda: self.agreed_owner(slot) == to_port, 20, f"slot {slot} on {to_port} everywhere")
+
+    def describe(self) -> str:
+        """Each live node's role, and who it says owns which slots (for a failure's message)."""
+        lines = []
+        for node in self.nodes:
+            if not node.running:
+                lines.append(f"{node.port}: down")
+                continue
+            try:
+                info = client(node.port).info("replication")["role"]
+                slots = client(node.port).execute_command("CLUSTER", "SLOTS")
+                owners = ",".join(f"{a}-{b}@{p[1]}" for a, b, p, *_ in sorted(slots))
+                lines.append(f"{node.port} {info}: {owners}")
+            except redis.RedisError as exc:
+                lines.append(f"{node.port}: {exc}")
+        return "\n".join(lines)
 
     def slot_of(self, key: str) -> int:
         return int(client(self.nodes[0].port).execute_command("CLUSTER", "KEYSLOT", key))
