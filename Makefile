@@ -41,9 +41,10 @@ lint: install
 	$(BIN)/ruff format --check shared services tests benchmarks
 	$(BIN)/mypy shared services benchmarks
 
-bench: install    # the push path against same-run baselines (a few minutes), then Socket.IO beside raw, then two micro-benchmarks
+bench: install    # the push path against same-run baselines (a few minutes), then Socket.IO beside raw, one Redis beside a Cluster, then two micro-benchmarks
 	$(BIN)/python -m benchmarks.push
 	$(BIN)/python -m benchmarks.transports
+	$(BIN)/python -m benchmarks.redis_cluster
 	$(BIN)/python -m benchmarks.idle_memory
 	$(BIN)/python -m benchmarks.fanout
 

@@ -164,14 +164,21 @@ def redis_calls(client: redis.Redis) -> int:
 class Service:
     """2 fetchers and 2 gateways as child processes, logs in a temporary directory."""
 
-    def __init__(self, redis_url: str, database_url: str, logs: Path, speedups: bool) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        database_url: str,
+        logs: Path,
+        speedups: bool,
+        redis_env: dict[str, str] | None = None,  # Sentinel's or a Cluster's, instead of REDIS_URL
+    ) -> None:
         self.logs = logs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway_ports = [free_port(), free_port()]
         self.fetcher_ports = [free_port(), free_port()]
         self.env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
+            **{k: v for k, v in os.environ.items() if not k.startswith("REDIS_")},
+            **(redis_env or {"REDIS_URL": redis_url}),
             "DATABASE_URL": database_url,
             "GATEWAY_HOST": "127.0.0.1",
             "FETCHER_HOST": "127.0.0.1",

@@ -80,7 +80,7 @@ def find_postgres_bin() -> Path:
     raise ServerUnavailable("no PostgreSQL binaries: install PostgreSQL or `pip install -e '.[local]'`")
 
 
-def _wait_port(port: int, timeout: float, what: str) -> None:
+def wait_port(port: int, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -129,7 +129,7 @@ class LocalRedis:
             # not kill the server before the services that use it are stopped.
             start_new_session=True,
         )
-        _wait_port(self.port, 10, "redis-server")
+        wait_port(self.port, 10, "redis-server")
         # The port may have been taken between the check and the bind (two `make run` started
         # together): then something else answers there, and this server has exited.
         if self._proc.poll() is not None or not _redis_pid_is(self.port, self._proc.pid):
@@ -253,7 +253,7 @@ class LocalPostgres:
             "-c synchronous_commit=off -c full_page_writes=off",
             "start",
         )
-        _wait_port(self.port, 30, "postgres")
+        wait_port(self.port, 30, "postgres")
         return self
 
     def stop(self, mode: str = "immediate") -> None:

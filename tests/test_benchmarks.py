@@ -17,6 +17,8 @@ import pytest
         ("benchmarks.idle_memory", "--connections"),
         ("benchmarks.transports", "--tabs"),
         ("benchmarks.fanout", "--applications"),
+        ("benchmarks.redis_cluster", "--sessions"),
+        ("benchmarks.redis_cluster", "--idle-seconds"),
     ],
 )
 def test_a_zero_is_refused_with_a_clear_error_not_a_crash_at_the_end(module: str, argument: str):

@@ -27,11 +27,12 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 
 from services.localservers import LocalPostgres
+from services.localtopologies import MASTER_NAME, LocalCluster, SentinelSet
 from shared.keys import SESSION_MESSAGES_CHANNEL, Keys
 from shared.redis_topology import KEY_GROUPS
 from shared.settings import RedisSettings
+from tests.conftest import require_redis_7
 from tests.support.chaos import Fleet, running_fleet, seq_went_back
-from tests.support.redis_topologies import MASTER_NAME, LocalCluster, SentinelSet, require_redis_7
 
 pytestmark = [pytest.mark.anyio, pytest.mark.chaos, pytest.mark.slow]
 

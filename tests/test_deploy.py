@@ -128,15 +128,17 @@ def test_production_takes_host_tls_and_origin_from_its_one_site_file():
     )
 
 
-def render_with_components(tmp_name: str) -> list[dict]:
-    """production with both optional components, as an operator adds them."""
+def render_with_components(
+    tmp_name: str, components: tuple[str, ...] = ("prometheus-operator", "network-policy")
+) -> list[dict]:
+    """production with optional components, as an operator adds them."""
     folder = K8S / tmp_name
     folder.mkdir()
     try:
         (folder / "kustomization.yaml").write_text(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: portico-push\n"
             "resources: [../overlays/production]\n"
-            "components: [../components/prometheus-operator, ../components/network-policy]\n"
+            f"components: [{', '.join(f'../components/{c}' for c in components)}]\n"
         )
         out = subprocess.run(
             [kube_tool("kubectl"), "kustomize", str(folder)], check=True, capture_output=True, text=True
@@ -153,6 +155,36 @@ def test_the_optional_components_render_and_validate():
     validate(objects)
     monitor = by_kind(objects, "PodMonitor", "portico-push")
     assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name", "jobs are portico-push-gateway/-fetcher"
+
+
+@pytest.mark.parametrize(
+    ("component", "keys"),
+    [
+        ("redis-sentinel", {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"}),
+        ("redis-cluster", {"REDIS_CLUSTER_NODES"}),
+    ],
+)
+def test_redis_sentinel_or_cluster_is_a_component(component: str, keys: set[str]):
+    """One node (REDIS_URL, in the Secret) unless a component says Sentinel or Cluster; their
+    addresses go into the services' ConfigMap (and so roll the pods when changed)."""
+    objects = render_with_components(f".render-{component}-test", (component,))
+    validate(objects)
+    configs = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("portico-push-config")
+    ]
+    [config] = configs
+    assert keys <= set(config["data"]) and config["data"]["REDIS_PREFIX"] == "portico:", (
+        "merged, not replaced"
+    )
+    plain = by_kind(render("production"), "ConfigMap", "portico-push-config")
+    assert not {"REDIS_SENTINELS", "REDIS_CLUSTER_NODES"} & set(plain["data"])
+    assert plain["metadata"]["name"] != config["metadata"]["name"], "a new name: the pods roll"
+    from shared.settings import GatewaySettings
+
+    settings = GatewaySettings.from_env(config["data"])  # what the pods will read, with no REDIS_URL
+    assert settings.redis.mode == component.removeprefix("redis-")
 
 
 def test_socketio_affinity_has_an_upstream_of_its_own():

@@ -152,6 +152,62 @@ def test_secrets_are_referenced_never_defaulted():
     assert "change-me" not in rendered and "postgresql://" not in rendered and "redis://" not in rendered
 
 
+SENTINEL = [
+    "--set", "redis.mode=sentinel",
+    "--set", "redis.sentinel.addresses={redis-sentinel-0.redis-sentinel:26379,redis-sentinel-1.redis-sentinel:26379}",
+    "--set", "redis.sentinel.masterName=portico",
+    "--set", "redis.sentinel.passwordSecret.name=redis-auth",
+    "--set", "redis.sentinel.passwordSecret.key=SENTINEL_PASSWORD",
+    "--set", "redis.passwordSecret.name=redis-auth",
+    "--set", "redis.passwordSecret.key=PASSWORD",
+]  # fmt: skip
+CLUSTER = ["--set", "redis.mode=cluster", "--set", "redis.cluster.nodes={redis-cluster-0.redis-cluster:6379}"]
+
+
+@pytest.mark.parametrize(("mode", "args"), [("sentinel", SENTINEL), ("cluster", CLUSTER)])
+def test_redis_can_be_one_node_sentinel_or_a_cluster(mode: str, args: list[str]):
+    """The three ways the services find Redis (README, "Redis: one node, Sentinel or Cluster"):
+    exactly one reaches the pods; addresses in the ConfigMap, passwords from Secrets."""
+    objects = template(*args)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    config = one(objects, "ConfigMap", "portico-push-config")["data"]
+    for name in ("portico-push-gateway", "portico-push-fetcher"):
+        container = one(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert "REDIS_URL" not in env, "REDIS_URL must not sit behind Sentinel or a Cluster"
+        if mode == "sentinel":
+            assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+                "name": "redis-auth",
+                "key": "PASSWORD",
+            }
+            assert env["REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "SENTINEL_PASSWORD"
+    if mode == "sentinel":
+        assert config["REDIS_SENTINELS"].count(":26379") == 2 and config["REDIS_SENTINEL_MASTER"] == "portico"
+        assert "REDIS_CLUSTER_NODES" not in config
+    else:
+        assert config["REDIS_CLUSTER_NODES"] == "redis-cluster-0.redis-cluster:6379"
+        assert "REDIS_SENTINELS" not in config
+    node = template()
+    assert not {"REDIS_SENTINELS", "REDIS_CLUSTER_NODES"} & set(
+        one(node, "ConfigMap", "portico-push-config")["data"]
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "redis.mode=replicated"],
+        ["--set", "redis.mode=sentinel"],  # no sentinels, no master name
+        ["--set", "redis.mode=sentinel", "--set", "redis.sentinel.addresses={s:26379}"],
+        ["--set", "redis.mode=cluster"],
+        ["--set", "redis.mode=cluster", "--set", "redis.cluster.nodes={redis-0}"],  # no port
+    ],
+)
+def test_an_incomplete_redis_topology_is_refused(args: list[str]):
+    assert "values don't meet the specifications of the schema" in refused(*args)
+
+
 def test_images_come_from_the_registry_and_tag_values():
     objects = template("--set", "image.registry=registry.example.org/portico/", "--set", "image.tag=1.2.3")
     images = {

@@ -18,13 +18,14 @@ from dataclasses import replace
 import pytest
 
 from services.localservers import LocalRedis
+from services.localtopologies import MASTER_NAME, LocalCluster, SentinelSet, client
 from shared.keys import NOTIFICATIONS_CHANNEL, SESSION_MESSAGES_CHANNEL, Keys
 from shared.protocol import session_hash
 from shared.redis_topology import KEY_GROUPS, RedisTopology
 from shared.settings import RedisSettings
+from tests.conftest import require_redis_7
 from tests.support.data import add_application, seed_reference
 from tests.support.metrics import metric_value
-from tests.support.redis_topologies import MASTER_NAME, LocalCluster, SentinelSet, client, require_redis_7
 from tests.support.stack import Stack, running_stack, trigger
 from tests.support.tabs import Tab
 from tests.support.tcpproxy import TcpProxy

@@ -64,10 +64,45 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
+{{/* Where Redis is: REDIS_URL from its Secret, or Sentinel's / a Cluster's addresses (in the
+ConfigMap, `portico-push.redisConfig`) with the passwords from theirs. */}}
 {{- define "portico-push.secretEnv" -}}
+{{- $redis := .Values.redis -}}
+{{- if eq $redis.mode "node" }}
 - name: REDIS_URL
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.redis.urlSecret.name }}
-      key: {{ .Values.redis.urlSecret.key }}
+      name: {{ $redis.urlSecret.name }}
+      key: {{ $redis.urlSecret.key }}
+{{- end }}
+{{- if and (ne $redis.mode "node") $redis.passwordSecret.name }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $redis.passwordSecret.name }}
+      key: {{ $redis.passwordSecret.key }}
+{{- end }}
+{{- if and (eq $redis.mode "sentinel") $redis.sentinel.passwordSecret.name }}
+- name: REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $redis.sentinel.passwordSecret.name }}
+      key: {{ $redis.sentinel.passwordSecret.key }}
+{{- end }}
+{{- end -}}
+
+{{- define "portico-push.redisConfig" -}}
+{{- $redis := .Values.redis -}}
+{{- if eq $redis.mode "sentinel" }}
+{{- if or (not $redis.sentinel.addresses) (not $redis.sentinel.masterName) }}
+{{- fail "redis.mode sentinel needs redis.sentinel.addresses and redis.sentinel.masterName" }}
+{{- end }}
+REDIS_SENTINELS: {{ join "," $redis.sentinel.addresses | quote }}
+REDIS_SENTINEL_MASTER: {{ $redis.sentinel.masterName | quote }}
+{{- else if eq $redis.mode "cluster" }}
+{{- if not $redis.cluster.nodes }}
+{{- fail "redis.mode cluster needs redis.cluster.nodes" }}
+{{- end }}
+REDIS_CLUSTER_NODES: {{ join "," $redis.cluster.nodes | quote }}
+{{- end }}
 {{- end -}}

