@@ -23,13 +23,17 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from shared.redis_topology import RedisTopology
+from shared.redis_topology import CONNECT_TIMEOUT, RedisTopology
+from shared.resp import Moved, PubSubConnection
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[[str, bytes], Awaitable[None]]
+# A message's handler runs as the message is read; one that must wait (a full outbox) returns an
+# awaitable, and reading pauses until it is done.
+MessageHandler = Callable[[str, bytes], Awaitable[None] | None]
 ConnectedHandler = Callable[[], Awaitable[None]]
 PROBE = b"\x00portico-probe\x00"
 TRAIL_SECONDS = 30.0  # at most, listening to an old master after Sentinel's switch (`_trail`)
@@ -40,20 +44,8 @@ class Deaf(RedisError):
     master, a moved slot): reconnect, and resolve the node again."""
 
 
-class Moved(RedisError):
-    """The node to listen on changed (Sentinel's new master, a slot moved): reconnect now."""
-
-
 class Switched(Moved):
     """Sentinel named a new master: reconnect there, and trail the old one (`_trail`)."""
-
-
-async def _close(pubsub: Any, client: Any) -> None:
-    try:
-        await pubsub.aclose()
-        await client.aclose()
-    except Exception:  # the connection is already broken; nothing to clean
-        pass
 
 
 Publish = Callable[[str, bytes], Awaitable[Any]]
@@ -62,12 +54,14 @@ Publish = Callable[[str, bytes], Awaitable[Any]]
 class Subscription:
     """Keeps one pub/sub connection subscribed to `channels` until `stop()`.
 
-    * redis-py's own reconnect is disabled (retries=0): it would resubscribe silently and hide
-      the gap; here every failure is logged, `live` turns False, and the loop reconnects with
-      full-jitter exponential back-off, resolving its node again, then runs `on_connected`.
-    * No socket timeout (redis-py 8 defaults to 5 s, which kills idle subscribers); instead a
-      PING on the pub/sub connection every `probe_interval` proves the link, and silence for
-      `stale_after` seconds counts as a dead connection.
+    * Every failure is logged, `live` turns False, and the loop reconnects with full-jitter
+      exponential back-off, resolving its node again, then runs `on_connected` (redis-py's own
+      silent resubscribe would have hidden the gap).
+    * The connection (`shared.resp`) hands each message to `on_message` as it is
+      read; a handler that returns an awaitable pauses reading until it is done.
+    * No socket timeout (redis-py 8's 5 s default killed idle subscribers); instead a PING every
+      `probe_interval` proves the link, and silence for `stale_after` seconds counts as a dead
+      connection.
     * A **delivery probe** every `probe_interval`: published on a new connection resolved as a
       new subscriber's would be (where publishes go now) to a channel this connection listens
       on. One that does not come back within `probe_timeout` means the subscription is deaf:
@@ -120,13 +114,14 @@ class Subscription:
         self._on_deaf = on_deaf
         self._stopping = asyncio.Event()
         self._restart = asyncio.Event()
+        self._probe_back = False  # the probe in flight came back
         self.live = False
         self.deaf = False  # a probe did not come back: not healthy until subscribed again
         self.last_message_at: float | None = None  # monotonic time of the last message or pong
         self.reconnects = 0
         self.deaf_detected = 0
-        self.trailed = 0  # messages heard from an old master after a switch
         self._trailing: set[asyncio.Task[None]] = set()
+        self._connection: PubSubConnection | None = None
 
     def _set_live(self, live: bool) -> None:
         if self.live != live:
@@ -144,6 +139,9 @@ class Subscription:
     @property
     def last_message_age(self) -> float:
         """Seconds since the last message or pong on the connection (inf before the first)."""
+        connection = self._connection
+        if connection is not None and self.live:
+            self.last_message_at = connection.last_heard
         if self.last_message_at is None:
             return float("inf")
         return time.monotonic() - self.last_message_at
@@ -179,103 +177,71 @@ class Subscription:
                     pass
         self._set_live(False)
 
+    def _deliver(self, channel: str, data: bytes) -> Awaitable[None] | None:
+        """A message as the connection reads it (see `MessageHandler`)."""
+        if channel == self.probe_channel:
+            self._probe_back = True
+            return None
+        try:
+            pending = self._on_message(channel, data)
+        except Exception:
+            log.exception("%s: handler failed; message dropped", self._name)
+            return None
+        return pending
+
     async def _run_once(self) -> None:
         self._restart.clear()
-        client = await self._topology.subscriber_client(self._channels[0])
-        pubsub = client.pubsub()
+        address = await self._topology.subscriber_address(self._channels[0])
+        connection = await PubSubConnection.open(
+            address, self._deliver, sharded=self._sharded, timeout=CONNECT_TIMEOUT
+        )
         trailing = False
         try:
             channels = [*self._channels, self.probe_channel]
-            if self._sharded:
-                await pubsub.ssubscribe(*channels)
-            else:
-                await pubsub.subscribe(*channels)
+            await asyncio.wait_for(connection.subscribe(channels), CONNECT_TIMEOUT)
             # The subscription is in place before we resynchronise: anything published from
             # here on is delivered, anything before is covered by on_connected.
+            self._connection = connection
             self.last_message_at = time.monotonic()
             self.deaf = False
             self._set_live(True)
             self.reconnects += 1
             log.info("%s: subscribed to %d channel(s)", self._name, len(self._channels))
             await self._on_connected()
-            await self._pump(pubsub)
+            await self._watch(connection)
         except Switched:
             trailing = True
-            self._trail(pubsub, client)
+            self._trail(connection)
             raise
         finally:
+            self._connection = None
             self._set_live(False)
             if not trailing:
-                await _close(pubsub, client)
+                connection.close()
 
-    def _trail(self, pubsub: Any, client: Any) -> None:
-        """Sentinel switched masters: the old one keeps taking PUBLISH until Sentinel demotes it
-        (about 10 s; it then drops its clients), and a publisher that has not switched yet (the
-        PHP backend on a kept connection) still publishes there. Keep listening to it, beside
-        the new subscription, until it drops us or `TRAIL_SECONDS` pass: a trigger published on
-        the old master in that window was lost otherwise (seen in the chaos suite: tabs left on
-        an older cart)."""
-
-        async def trail() -> None:
-            deadline = time.monotonic() + TRAIL_SECONDS
-            data_kind = "smessage" if self._sharded else "message"
-            try:
-                while time.monotonic() < deadline and not self._stopping.is_set():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    kind = message["type"]
-                    kind = kind.decode() if isinstance(kind, bytes) else kind
-                    channel = message["channel"]
-                    channel = channel.decode() if isinstance(channel, bytes) else channel
-                    if kind == data_kind and channel != self.probe_channel:
-                        self.trailed += 1
-                        try:
-                            await self._on_message(channel, message["data"])
-                        except Exception:
-                            log.exception("%s: handler failed; message dropped", self._name)
-            except (RedisError, OSError, TimeoutError) as exc:
-                log.info("%s: the old master is gone or demoted (%s)", self._name, exc)
-            finally:
-                await _close(pubsub, client)
-
-        task = asyncio.get_running_loop().create_task(trail(), name=f"{self._name} trailing")
-        self._trailing.add(task)
-        task.add_done_callback(self._trailing.discard)
-
-    async def _pump(self, pubsub: Any) -> None:
+    async def _watch(self, connection: PubSubConnection) -> None:
+        """Wake every second or so: pings, probes, staleness; and end with the connection."""
         now = time.monotonic()
         next_ping = next_probe = now + self._probe_interval
         probe: asyncio.Task[Any] | None = None  # the publish of the probe in flight
         probe_sent: float | None = None  # when the probe awaited back was sent
-        data_kind = "smessage" if self._sharded else "message"
         try:
             while not self._stopping.is_set():
                 if self._restart.is_set():
                     raise Switched("Sentinel switched masters")
-                message = await pubsub.get_message(timeout=min(1.0, self._probe_interval))
+                done, _ = await asyncio.wait({connection.closed}, timeout=min(1.0, self._probe_interval))
+                if done:
+                    raise connection.closed.result() or RedisConnectionError("connection closed")
                 now = time.monotonic()
-                if message is not None:
-                    self.last_message_at = now
-                    kind = message["type"]
-                    kind = kind.decode() if isinstance(kind, bytes) else kind
-                    if kind == data_kind:
-                        channel = message["channel"]
-                        channel = channel.decode() if isinstance(channel, bytes) else channel
-                        if channel == self.probe_channel:
-                            probe_sent = None
-                            continue
-                        try:
-                            await self._on_message(channel, message["data"])
-                        except Exception:
-                            log.exception("%s: handler failed; message dropped", self._name)
-                    elif kind == "sunsubscribe":
-                        raise Moved("the server unsubscribed a sharded channel: its slot moved")
+                self.last_message_at = connection.last_heard
+                if self._probe_back:
+                    probe_sent, self._probe_back = None, False
                 if now >= next_ping:
-                    await pubsub.ping()
+                    connection.ping()
                     next_ping = now + self._probe_interval
                 if self._publish is not None and probe_sent is None and now >= next_probe:
                     probe_sent, next_probe = now, now + self._probe_interval
+                    self._probe_back = False
                     probe = asyncio.ensure_future(
                         asyncio.wait_for(self._publish(self.probe_channel, PROBE), self._probe_timeout)
                     )
@@ -287,13 +253,33 @@ class Subscription:
                         if self._on_deaf is not None:
                             self._on_deaf()
                         raise Deaf(f"a delivery probe did not come back within {self._probe_timeout:.0f}s")
-                    probe_sent = None  # not sent (commands fail): the pings judge the connection
-                assert self.last_message_at is not None
+                    probe_sent = None  # not sent (Redis unreachable): the pings judge the connection
                 if now - self.last_message_at > self._stale_after:
                     raise TimeoutError(f"no message or pong for {self._stale_after:.0f}s")
         finally:
             if probe is not None and not probe.done():
                 probe.cancel()
+
+    def _trail(self, connection: PubSubConnection) -> None:
+        """Sentinel switched masters: the old one keeps taking PUBLISH until Sentinel demotes it
+        (about 10 s; it then drops its clients), and a publisher that has not switched yet (the
+        PHP backend on a kept connection) still publishes there. Keep listening to it, beside
+        the new subscription, until it drops us or `TRAIL_SECONDS` pass: a trigger published on
+        the old master in that window was lost otherwise (seen in the chaos suite: tabs left on
+        an older cart). Its messages keep going to the handler as they arrive."""
+
+        async def trail() -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(connection.closed), TRAIL_SECONDS)
+                log.info("%s: the old master is demoted or gone", self._name)
+            except TimeoutError:
+                pass
+            finally:
+                connection.close()
+
+        task = asyncio.get_running_loop().create_task(trail(), name=f"{self._name} trailing")
+        self._trailing.add(task)
+        task.add_done_callback(self._trailing.discard)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

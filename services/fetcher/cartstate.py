@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from shared.keys import Keys
 from shared.registry import OWNERS_LUA, decode_names
+from shared.resp import Command, DirectCommands
 
 NONE, CACHED_OR_NEW, NEW, PUSH = "-", "c", "n", "p"
 
@@ -108,8 +109,17 @@ class Begun:
 
 
 class CartState:
-    def __init__(self, client: aioredis.Redis, keys: Keys, *, seq_ttl_ms: int, snapshot_ttl_ms: int):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        seq_ttl_ms: int,
+        snapshot_ttl_ms: int,
+        direct: DirectCommands | None = None,
+    ):
         self._keys = keys
+        self._direct = direct  # the lean connection for `begin` (one node, Sentinel)
         self._seq_ttl_ms = seq_ttl_ms
         self._snapshot_ttl_ms = snapshot_ttl_ms
         self._begin = client.register_script(_BEGIN)
@@ -151,7 +161,11 @@ class CartState:
                 self._keys.session_seq(session),
                 self._keys.session_cart(session),
             ]
-        replies = await self._begin(keys=keys, args=[self._seq_ttl_ms, *modes])
+        args: list[Any] = [self._seq_ttl_ms, *modes]
+        if self._direct is not None:
+            replies = await self._direct.evalsha(self._begin.sha, _BEGIN, keys, args)
+        else:
+            replies = await self._begin(keys=keys, args=args)
         begun = []
         for owners, seq, snapshot in replies:
             cached = None
@@ -163,19 +177,18 @@ class CartState:
             begun.append(Begun(decode_names(owners), int(seq), cached))
         return begun
 
-    def commit(self, pipe: Any, fresh: Sequence[tuple[str, CartSnapshot]]) -> int:
-        """Queue on `pipe` (before its publishes): store each fresh snapshot while its seq is
-        still the session's latest. Outside a Cluster only (see `store`).
+    def commit_commands(self, fresh: Sequence[tuple[str, CartSnapshot]]) -> list[Command]:
+        """The commands (before the batch's publishes, in the same pipeline) that store each
+        fresh snapshot while its seq is still the session's latest. Outside a Cluster only (see
+        `store`).
 
         EVALSHA straight away: a script object on a pipeline would cost a SCRIPT EXISTS round
         trip per batch. If the server does not know the script (Redis restarted), this command
-        fails alone and the publishes queued after it still run: the caller loads it again
-        (`load_commit_script`); a snapshot is only ever a saving, never needed. Returns how many
-        commands were queued (0 or 1)."""
-        groups = self._commit_calls(fresh)
-        for keys, args in groups:
-            pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
-        return len(groups)
+        fails alone and the publishes after it still run: the caller loads it again
+        (`load_commit_script`); a snapshot is only ever a saving, never needed."""
+        return [
+            ("EVALSHA", self._commit.sha, len(keys), *keys, *args) for keys, args in self._commit_calls(fresh)
+        ]
 
     async def store(self, fresh: Sequence[tuple[str, CartSnapshot]]) -> list[Any]:
         """`commit` for a Cluster, whose pipelines take no scripts: one call per key group, side

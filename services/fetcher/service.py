@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -27,7 +26,6 @@ from shared.envelopes import (
     Refresh,
     Resync,
     decode_for_fetchers,
-    encode,
 )
 from shared.keys import NOTIFICATIONS_CHANNEL, ROOM_MESSAGES_CHANNEL, SESSION_MESSAGES_CHANNEL, Keys
 from shared.metrics import FetcherMetrics
@@ -46,6 +44,7 @@ from shared.supervision import supervise
 
 from .cartstate import CACHED_OR_NEW, NEW, NONE, PUSH, CartSnapshot, CartState
 from .coalescer import SessionWork, WorkCoalescer
+from .publisher import Publisher
 from .routing import GatewayMessages, route_cart, route_room_event, route_session_event
 from .shards import ShardLeases
 from .shutdown import IN_FLIGHT_SECONDS, RELEASE_SECONDS
@@ -69,8 +68,6 @@ SHAPE_ERROR_MESSAGE = "Could not read partial applications; please try again lat
 # Back-off of a retried session (after an error cart, or work that failed), seconds; the last
 # value repeats for as long as a gateway holds the session: no give-up while tabs show an error.
 RETRY_DELAYS = (1, 2, 4, 8, 15, 30)
-# What one pipeline publishes at most (see `_commit_and_publish`); a single message is never cut.
-PIPELINE_BYTES = 8 * 1024 * 1024
 
 
 class Fetcher:
@@ -88,12 +85,17 @@ class Fetcher:
         self.metrics = metrics or FetcherMetrics()
         self.store = store
         self.redis = redis or self.topology.command_client(max_connections=settings.fetch_concurrency * 2 + 8)
+        self.direct = self.topology.direct_commands()  # the hot path's lean connection (not in a Cluster)
         self.registry = RedisOwnershipRegistry(self.redis, self.keys, "", 1)
         self.cart_state = CartState(
             self.redis,
             self.keys,
             seq_ttl_ms=SEQ_TTL_MS,
             snapshot_ttl_ms=int(settings.cart_snapshot_ttl_seconds * 1000),
+            direct=self.direct,
+        )
+        self.publisher = Publisher(
+            self.topology, self.redis, self.direct, self.keys, self.cart_state, self.metrics
         )
         self.coalescer = WorkCoalescer(
             self._run_batch,
@@ -127,7 +129,7 @@ class Fetcher:
                 ROOM_MESSAGES_CHANNEL,
                 self.keys.handover_channel,
             ],
-            on_message=self._on_message,
+            on_message=self._dispatch,
             on_connected=self._on_subscribed,
             name=f"fetcher {settings.fetcher_id}",
             on_state=lambda up: self.metrics.redis_subscription_up.set(1 if up else 0),
@@ -240,12 +242,9 @@ class Fetcher:
         if held:
             await self._announce_resync(held)
 
-    async def _on_message(self, channel: str, data: bytes) -> None:
-        self._dispatch(channel, data)
-
     def _dispatch(self, channel: str, data: bytes) -> None:
-        """One message, in the order the subscription received it (the hand-over cut relies on
-        it: nothing here awaits)."""
+        """One message, as the subscription reads it, in order (the hand-over cut relies on it:
+        nothing here awaits)."""
         if channel == SESSION_MESSAGES_CHANNEL:
             self._on_trigger(data)
         elif channel == NOTIFICATIONS_CHANNEL:
@@ -411,7 +410,7 @@ class Fetcher:
             outgoing.add(route_cart(works[i], hashes[i], begun[i].owners, snapshot), "cart")
 
         # Snapshots before the publishes: a join that follows a push finds its snapshot.
-        stored, errors = await self._commit_and_publish(fresh, outgoing)
+        stored, errors = await self.publisher.commit_and_publish(fresh, outgoing)
         # Every command ran (a pipeline is not a transaction). A snapshot that was not stored
         # only costs a later read; a publish that failed fails the work, which is retried.
         if errors:
@@ -436,33 +435,6 @@ class Fetcher:
                 self._errored[session_id] = attempt + 1
                 self._retry_later(SessionWork(session_id, push_all=True, attempt=attempt + 1))
 
-    async def _commit_and_publish(
-        self, fresh: list[tuple[str, CartSnapshot]], outgoing: GatewayMessages
-    ) -> tuple[list[Any], list[Exception]]:
-        """Store the batch's fresh snapshots and publish its messages, in pipelines of at most
-        PIPELINE_BYTES: each gateway's subscriber is sent what a pipeline publishes at once, and
-        Redis disconnects one whose output buffer passes 32 MiB. Returns the snapshot commands'
-        results and the errors of the publishes."""
-        stored: list[Any] = []
-        errors: list[Exception] = []
-        if self.topology.sharded:  # a Cluster's pipelines take no scripts
-            stored = await self.cart_state.store(fresh)
-        async with self.redis.pipeline(transaction=False) as pipe:  # execute() empties it
-            queued = 0 if self.topology.sharded else self.cart_state.commit(pipe, fresh)
-            size = 0
-            for channel, message in outgoing.messages(self.keys.gateway_channel):
-                if size and size + len(message) > PIPELINE_BYTES:
-                    results = await pipe.execute(raise_on_error=False)
-                    stored, results, queued = stored + results[:queued], results[queued:], 0
-                    errors += [r for r in results if isinstance(r, Exception)]
-                    size = 0
-                self.topology.publish(pipe, channel, message)
-                size += len(message)
-            results = await pipe.execute(raise_on_error=False)
-        stored, results = stored + results[:queued], results[queued:]
-        errors += [r for r in results if isinstance(r, Exception)]
-        return stored, errors
-
     async def _deliver_to_route(self, work: SessionWork) -> None:
         if work.route == BROADCAST_ROUTE:
             # One fetcher publishes it once on the all-gateways channel: every gateway once,
@@ -470,7 +442,7 @@ class Fetcher:
             # sends only the rest.
             while work.events:
                 event = Event(work.events[0], broadcast=True, received_at=work.received_at)
-                await self.topology.publish(self.redis, self.keys.gateways_channel, encode(event))
+                await self.publisher.to_every_gateway(event)
                 work.events.pop(0)
                 self.metrics.deliveries_published.labels("broadcast").inc()
             return
@@ -481,7 +453,9 @@ class Fetcher:
             return
         room = work.route.removeprefix("room:")
         while work.events:
-            await self._publish(route_room_event(room, owners, work.events[0], work.received_at), "room")
+            await self.publisher.events(
+                route_room_event(room, owners, work.events[0], work.received_at), "room"
+            )
             work.events.pop(0)
 
     async def _read_carts(self, session_ids: list[str], seqs: list[int]) -> dict[str, CartSnapshot]:
@@ -570,20 +544,10 @@ class Fetcher:
             else:
                 self.coalescer.submit(SessionWork(session_id, push_all=True, attempt=attempt))
 
-    async def _publish(self, envelopes: dict[str, Event], kind: str) -> None:
-        if not envelopes:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for gateway, envelope in envelopes.items():
-                self.topology.publish(pipe, self.keys.gateway_channel(gateway), encode(envelope))
-            await pipe.execute()
-        self.metrics.deliveries_published.labels(kind).inc(len(envelopes))
-
     # -- shard hand-over -------------------------------------------------------------------
 
     async def _announce_resync(self, shards: list[int]) -> None:
-        resync = Resync(shards, self.settings.shards)
-        await self.topology.publish(self.redis, self.keys.gateways_channel, encode(resync))
+        await self.publisher.to_every_gateway(Resync(shards, self.settings.shards))
 
     def _shard_of_work(self, lane: str) -> int:
         """The shard of a coalescer lane: a `room:` route, or a session id."""

@@ -23,7 +23,7 @@ everything, with the 64 it had queued).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 from shared.envelopes import JOIN, Cart, EnvelopeError, Event, Resync, decode_for_gateway
 from shared.metrics import GatewayMetrics
@@ -56,25 +56,52 @@ class Fanout:
         self._requests = requests
         self._metrics = metrics
 
-    async def on_message(self, channel: str, data: bytes) -> None:
+    def on_message(self, channel: str, data: bytes) -> Awaitable[None] | None:
+        """Called as the subscription reads the message. Returns None when it is fanned out
+        already (the common case: no await, no task), or what is left to do when it must wait: a
+        full outbox's writer getting its turn, or a resync's requests to the fetchers."""
         try:
             envelopes = decode_for_gateway(data)  # fully checked before any state changes
         except EnvelopeError as exc:
             envelopes = [exc]
         full: list[tuple[Tab, Outgoing]] = []  # outboxes that were full: their writers get a turn
-        for envelope in envelopes:
-            if isinstance(envelope, EnvelopeError):
-                self._metrics.deliveries_invalid.inc()
-                log.warning("dropped invalid envelope on %s (%s)", channel, envelope)
-            elif isinstance(envelope, Cart):
-                self._cart(envelope, full)
-            elif isinstance(envelope, Event):
-                self._event(envelope, full)
-            else:
-                await self._resync(envelope)
+        for n, envelope in enumerate(envelopes):
+            if isinstance(envelope, Resync):
+                return self._rest(channel, envelopes[n:], full)
+            self._envelope(channel, envelope, full)
             if full:  # before the next envelope, so that each tab's messages keep their order
+                return self._rest(channel, envelopes[n + 1 :], full)
+        return None
+
+    async def _rest(
+        self,
+        channel: str,
+        envelopes: list[Cart | Event | Resync | EnvelopeError],
+        full: list[tuple[Tab, Outgoing]],
+    ) -> None:
+        """`on_message` from where it had to wait."""
+        if full:
+            await self._writer.settle(full)
+            full.clear()
+        for envelope in envelopes:
+            if isinstance(envelope, Resync):
+                await self._resync(envelope)
+                continue
+            self._envelope(channel, envelope, full)
+            if full:
                 await self._writer.settle(full)
                 full.clear()
+
+    def _envelope(
+        self, channel: str, envelope: Cart | Event | EnvelopeError, full: list[tuple[Tab, Outgoing]]
+    ) -> None:
+        if isinstance(envelope, EnvelopeError):
+            self._metrics.deliveries_invalid.inc()
+            log.warning("dropped invalid envelope on %s (%s)", channel, envelope)
+        elif isinstance(envelope, Cart):
+            self._cart(envelope, full)
+        else:
+            self._event(envelope, full)
 
     def _offer(self, tab: Tab, outgoing: Outgoing, full: list[tuple[Tab, Outgoing]]) -> None:
         if not self._writer.offer(tab, outgoing):
