@@ -5,13 +5,18 @@
   relay can do, with the same uvicorn, loop and WebSocket implementation as the gateway.
 * send loop: the session `*` sends the text to every socket (the mass invalidation baseline).
 * idle sockets: a socket that sends nothing costs what uvicorn and Starlette need for it.
+* listener (`listen`): a subscriber that reads each message and parses its JSON, nothing more,
+  over the same protocol reader as the services (`shared.resp`): the least a fetcher can pay
+  for a trigger it only discards.
 
     python -m benchmarks.bare PORT REDIS_URL CHANNEL
+    python -m benchmarks.bare listen REDIS_URL CHANNEL
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,7 +65,25 @@ async def relay(url: str, channel: str) -> None:
                 pass
 
 
+async def listen(url: str, channel: str) -> None:
+    from shared.redis_topology import RedisTopology
+    from shared.resp import PubSubConnection
+    from shared.settings import RedisSettings
+
+    address = await RedisTopology(RedisSettings(url=url, prefix="bare:")).subscriber_address(channel)
+    connection = await PubSubConnection.open(address, lambda c, d: json.loads(d), sharded=False, timeout=5)
+    await connection.subscribe([channel])
+    await connection.closed
+
+
 def main() -> None:
+    if sys.argv[1] == "listen":
+        if event_loop_and_parser()[0] != "asyncio":  # uvloop, as the services run
+            import uvloop
+
+            uvloop.install()
+        asyncio.run(listen(sys.argv[2], sys.argv[3]))
+        return
     port, url, channel = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 
     @asynccontextmanager

@@ -26,10 +26,13 @@ class PortTaken(ServerUnavailable):
     """Another process listens on the port this server was to take."""
 
 
-def _redis_pid_is(port: int, pid: int) -> bool:
+def _redis_pid_is(port: int, pid: int, password: str = "") -> bool:
     """Whether the Redis answering on `port` is process `pid` (INFO server's process_id)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            if password:
+                conn.sendall(b"AUTH %s\r\n" % password.encode())
+                conn.recv(64)
             conn.sendall(b"INFO server\r\n")
             reply = b""
             while b"process_id:" not in reply or not reply.split(b"process_id:", 1)[1].count(b"\r\n"):
@@ -132,7 +135,9 @@ class LocalRedis:
         wait_port(self.port, 10, "redis-server")
         # The port may have been taken between the check and the bind (two `make run` started
         # together): then something else answers there, and this server has exited.
-        if self._proc.poll() is not None or not _redis_pid_is(self.port, self._proc.pid):
+        args = list(self.extra_args)
+        password = args[args.index("--requirepass") + 1] if "--requirepass" in args else ""
+        if self._proc.poll() is not None or not _redis_pid_is(self.port, self._proc.pid, password):
             self.stop()
             shutil.rmtree(self.dir, ignore_errors=True)
             raise PortTaken(f"port {self.port} is taken by another Redis")

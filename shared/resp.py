@@ -95,7 +95,7 @@ class _Connection(asyncio.Protocol):
             if address.password:
                 credentials = [address.username, address.password] if address.username else [address.password]
                 reply = await asyncio.wait_for(connection._call("AUTH", *credentials), timeout)
-                if isinstance(reply, hiredis.ReplyError):
+                if isinstance(reply, (hiredis.ReplyError, Exception)):  # as read, or as converted
                     raise AuthenticationError(str(reply).split(" ", 1)[0])  # never the password
         except (OSError, TimeoutError) as exc:
             connection.close()
@@ -269,9 +269,9 @@ class CommandConnection(_Connection):
         connection = await cls._connect(cls(), address, timeout)
         if address.db:
             reply = await asyncio.wait_for(connection._call("SELECT", str(address.db)), timeout)
-            if isinstance(reply, hiredis.ReplyError):
+            if isinstance(reply, Exception):  # converted as read (`data_received`)
                 connection.close()
-                raise as_exception(reply)
+                raise reply
         return connection
 
     def data_received(self, data: bytes) -> None:

@@ -117,6 +117,7 @@ class Subscription:
         self._probe_back = False  # the probe in flight came back
         self.live = False
         self.deaf = False  # a probe did not come back: not healthy until subscribed again
+        self.resynced = False  # on_connected finished on the current connection
         self.last_message_at: float | None = None  # monotonic time of the last message or pong
         self.reconnects = 0
         self.deaf_detected = 0
@@ -148,9 +149,10 @@ class Subscription:
 
     @property
     def healthy(self) -> bool:
-        """Subscribed, heard from Redis recently (a pong at least every probe interval), and not
-        found deaf by a probe."""
-        return self.live and not self.deaf and self.last_message_age <= self._stale_after
+        """Subscribed and resynchronised (`on_connected` done: a gateway ready before it claimed
+        its sessions again was missed by the fetchers' pushes), heard from Redis recently (a
+        pong at least every probe interval), and not found deaf by a probe."""
+        return self.live and self.resynced and not self.deaf and self.last_message_age <= self._stale_after
 
     async def run(self) -> None:
         failures = 0
@@ -191,6 +193,7 @@ class Subscription:
 
     async def _run_once(self) -> None:
         self._restart.clear()
+        self.resynced = False
         address = await self._topology.subscriber_address(self._channels[0])
         connection = await PubSubConnection.open(
             address, self._deliver, sharded=self._sharded, timeout=CONNECT_TIMEOUT
@@ -208,6 +211,7 @@ class Subscription:
             self.reconnects += 1
             log.info("%s: subscribed to %d channel(s)", self._name, len(self._channels))
             await self._on_connected()
+            self.resynced = True
             await self._watch(connection)
         except Switched:
             trailing = True

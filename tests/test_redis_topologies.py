@@ -26,7 +26,7 @@ from shared.settings import RedisSettings
 from tests.conftest import require_redis_7
 from tests.support.data import add_application, seed_reference
 from tests.support.metrics import metric_value
-from tests.support.stack import Stack, running_stack, trigger
+from tests.support.stack import Stack, a_change_reaches_every_gateway, running_stack, trigger
 from tests.support.tabs import Tab
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import eventually
@@ -90,15 +90,7 @@ async def test_the_whole_contract_through_a_cluster(cluster: LocalCluster, clust
     stack = cluster_stack
     settings = stack.redis_settings()
     sid = "clusterSession00001"
-    await add_application(db, sid)
-    tabs = [await Tab.open(running.url, session=sid) for running in stack.gateways]
-    for tab in tabs:
-        await tab.wait_pushes(1)
-    await add_application(db, sid)
-    await trigger(settings, sid)
-    for tab in tabs:
-        pushes = await tab.wait_pushes(2)
-        assert pushes[-1]["data"]["count"] == 2
+    tabs = await a_change_reaches_every_gateway(stack, db, settings, sid)
     # A relay crosses gateways through another gateway's sharded channel.
     await tabs[0].send({"type": "session_message", "message": "opened elsewhere"})
     [relayed] = await tabs[1].wait_for("room_message")
@@ -170,15 +162,7 @@ async def test_the_whole_contract_through_sentinel(
     await seed_reference(db)
     settings = sentinel_settings(sentinels, prefix)
     async with running_stack("", database_url, prefix, topology=settings) as stack:
-        sid = "sentinelSession0001"
-        await add_application(db, sid)
-        tabs = [await Tab.open(running.url, session=sid) for running in stack.gateways]
-        for tab in tabs:
-            await tab.wait_pushes(1)
-        await add_application(db, sid)
-        await trigger(settings, sid)
-        for tab in tabs:
-            assert (await tab.wait_pushes(2))[-1]["data"]["count"] == 2
+        tabs = await a_change_reaches_every_gateway(stack, db, settings, "sentinelSession0001")
         await tabs[0].send({"type": "session_message", "message": "opened elsewhere"})
         await tabs[1].wait_for("room_message")
         # Everything went to the master Sentinel names, nothing to the replica.

@@ -43,7 +43,7 @@ from .gateway import Gateway, Loop
 from .socketio import CLIENT_NAMESPACE_DISCONNECT, Socket, SocketIOServer, is_ascii_digits
 from .tab import Tab
 from .tab_protocol import Action, Send, TabProtocol
-from .uvicorn_protocols import ABORT_EXTENSION
+from .uvicorn_protocols import abort_of
 
 EVENT = "message"
 INBOX_LIMIT = 256  # messages of one tab waiting to be handled (the budgets close it long before)
@@ -73,6 +73,13 @@ class SocketIOLink:
             # waits, so what follows queues in its outbox, where a newer cart replaces a queued
             # one and a full outbox is a slow consumer, as for a raw tab.
             await engine_session.drained()
+
+    def try_write(self, text: str, seq: int) -> bool:
+        engine_session = self.socket.session
+        if engine_session.closed or engine_session.crowded():
+            return False  # the writer's turn: it raises, or waits for the queue to drain
+        self.socket.send_event_json(EVENT, text, str(seq) if seq else None)
+        return True
 
     async def close(self, code: int, reason: str) -> None:
         # What is queued goes out first: a tab past its budget is told RATE_LIMITED (it got
@@ -117,7 +124,7 @@ class SocketIOTransport:
             ),
             admit=self._admit,
             origin_allowed=self._origin_allowed,
-            abort_of=lambda scope: scope.get("extensions", {}).get(ABORT_EXTENSION),
+            abort_of=abort_of,
         )
         gateway.also_count(self._sessions_without_tab)
         for transport in ENGINEIO_TRANSPORTS:

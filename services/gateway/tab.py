@@ -26,7 +26,8 @@ from .tab_protocol import TabProtocol
 
 
 class Link(Protocol):
-    """How the core writes to one tab. `write` may wait (a peer that reads slowly); `close`
+    """How the core writes to one tab. `write` may wait (a peer that reads slowly);
+    `try_write` never does; `close`
     ends the connection in order (a close frame, or the end of the Engine.IO session); `abort`
     drops it at once, for a peer that does not even take a close."""
 
@@ -35,6 +36,10 @@ class Link(Protocol):
     async def write(self, text: str, seq: int) -> None:
         """One message; `seq` is the cart's when it is a cart push (else 0): Socket.IO sends it
         as the connection-state-recovery offset."""
+
+    def try_write(self, text: str, seq: int) -> bool:
+        """`write`, at once, if the link takes it without waiting; else False, nothing written
+        (the writer then queues it and waits)."""
 
     async def close(self, code: int, reason: str) -> None: ...
 

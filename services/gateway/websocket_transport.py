@@ -17,7 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from shared.protocol import CloseCode
 
 from .gateway import Gateway
-from .uvicorn_protocols import ABORT_EXTENSION
+from .uvicorn_protocols import PROTOCOL_EXTENSION
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,16 @@ class WebSocketLink(WebSocket):
     async def write(self, text: str, seq: int) -> None:
         await self.send({"type": "websocket.send", "text": text})
 
+    def try_write(self, text: str, seq: int) -> bool:
+        protocol = self.scope.get("extensions", {}).get(PROTOCOL_EXTENSION)
+        return protocol is not None and bool(protocol.write_now(text))
+
     def abort(self) -> None:
         """Drop the TCP connection now (`uvicorn_protocols.AbortableWebSocketProtocol`): a peer
         that does not read never takes a close frame."""
-        abort = self.scope.get("extensions", {}).get(ABORT_EXTENSION)
-        if abort is not None:
-            abort()
+        protocol = self.scope.get("extensions", {}).get(PROTOCOL_EXTENSION)
+        if protocol is not None:
+            protocol.abort()
 
 
 async def serve(gateway: Gateway, scope: Any, receive: Any, send: Any) -> None:

@@ -1,5 +1,6 @@
-"""Writing to tabs: each tab's bounded outbox, drained by a task that exists only while it has
-something to write, and the slow-consumer policy.
+"""Writing to tabs: at once when nothing waits before a message and the link takes it without
+waiting (most pushes: no task, no queue); else each tab's bounded outbox, drained by a task that
+exists only while it has something to write; and the slow-consumer policy.
 
 Producers (`enqueue`, `send`) never wait. A tab whose outbox overflows (it stopped reading) or
 whose write fails is *dropped*: taken out of every session and room at once (`detach`, the
@@ -51,6 +52,16 @@ class Writer:
         and the writer cannot run while the fan-out does."""
         if tab.detached:
             return True
+        if tab.writer is None and not tab.outbox and tab.outbox.close_code is None:
+            # Nothing queued or in flight: written at once if the link takes it, with no task.
+            try:
+                written = tab.link.try_write(outgoing.text, outgoing.seq)
+            except Exception as exc:
+                self._failed(tab, exc)
+                return True
+            if written:
+                self._sent(outgoing)
+                return True
         result = tab.outbox.put(outgoing)
         if result is True:
             self._wake(tab)
@@ -84,22 +95,28 @@ class Writer:
         try:
             while (outgoing := tab.outbox.pop()) is not None:
                 await tab.link.write(outgoing.text, outgoing.seq)
-                self._metrics.messages_sent.labels(outgoing.kind).inc()
-                self._metrics.bytes_sent.inc(outgoing.size)
-                if outgoing.received_at is not None:
-                    self._metrics.push_latency.observe(max(0.0, time.time() - outgoing.received_at))
+                self._sent(outgoing)
             tab.writer = None  # before any await: a message queued from here on wakes a new one
             if tab.outbox.close_code is not None:
                 await tab.link.close(tab.outbox.close_code, tab.outbox.close_reason)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # The peer went away mid-write, or the text could not be sent at all. Either way
-            # this tab can no longer be served: a writer that silently ended left it open and
-            # deaf (pings unanswered, pushes lost) while it stayed in every map.
-            self._metrics.send_failures.inc()
-            log.debug("tab %d: write failed (%s: %s); dropping it", tab.id, exc.__class__.__name__, exc)
-            self.drop(tab, CloseCode.INTERNAL_ERROR, "write failed")
+            self._failed(tab, exc)
+
+    def _sent(self, outgoing: Outgoing) -> None:
+        self._metrics.messages_sent.labels(outgoing.kind).inc()
+        self._metrics.bytes_sent.inc(outgoing.size)
+        if outgoing.received_at is not None:
+            self._metrics.push_latency.observe(max(0.0, time.time() - outgoing.received_at))
+
+    def _failed(self, tab: Tab, exc: Exception) -> None:
+        # The peer went away mid-write, or the text could not be sent at all. Either way this
+        # tab can no longer be served: a writer that silently ended left it open and deaf
+        # (pings unanswered, pushes lost) while it stayed in every map.
+        self._metrics.send_failures.inc()
+        log.debug("tab %d: write failed (%s: %s); dropping it", tab.id, exc.__class__.__name__, exc)
+        self.drop(tab, CloseCode.INTERNAL_ERROR, "write failed")
 
     def drop(self, tab: Tab, code: int, reason: str) -> None:
         """Stop serving a tab at once: detached now, closed within CLOSE_DEADLINE_SECONDS,

@@ -18,6 +18,8 @@ from services.localservers import free_port
 from shared.protocol import session_hash, shard_of
 from shared.settings import FetcherSettings, GatewaySettings, RedisSettings
 
+from .data import add_application
+from .tabs import Tab
 from .waiting import eventually
 
 
@@ -169,3 +171,19 @@ def session_served_by(fetcher: Fetcher, prefix: str) -> str:
 async def trigger(redis: str | RedisSettings, session_id: str) -> None:
     """Publish exactly what the PHP backend publishes after a cart change."""
     await publish_trigger(redis, session_id)
+
+
+async def a_change_reaches_every_gateway(
+    stack: Stack, db: Any, redis: str | RedisSettings, sid: str
+) -> list[Tab]:
+    """A tab of `sid` on every gateway gets its cart, then the next one after a change and its
+    trigger (the whole push path, on whatever Redis `redis` names). Returns the tabs."""
+    await add_application(db, sid)
+    tabs = [await Tab.open(running.url, session=sid) for running in stack.gateways]
+    for tab in tabs:
+        await tab.wait_pushes(1)
+    await add_application(db, sid)
+    await trigger(redis, sid)
+    for tab in tabs:
+        assert (await tab.wait_pushes(2))[-1]["data"]["count"] == 2
+    return tabs
