@@ -70,8 +70,11 @@ async def listen(url: str, channel: str) -> None:
     from shared.resp import PubSubConnection
     from shared.settings import RedisSettings
 
+    def on_message(channel: str, data: bytes) -> None:
+        json.loads(data)  # what a listener must do at least: read the message
+
     address = await RedisTopology(RedisSettings(url=url, prefix="bare:")).subscriber_address(channel)
-    connection = await PubSubConnection.open(address, lambda c, d: json.loads(d), sharded=False, timeout=5)
+    connection = await PubSubConnection.open(address, on_message, sharded=False, timeout=5)
     await connection.subscribe([channel])
     await connection.closed
 

@@ -694,11 +694,13 @@ async def run(args: argparse.Namespace, redis_url: str, database_url: str, logs:
     )
     # Redis load at 1 M tabs on 100 gateways, from the per-event costs measured above
     gateways_idle = idle_none / 60 / 5 * 100  # this run's idle rate had 5 processes; scale by 100 gateways
+    # A figure below zero is noise around nothing (no command runs per held session): count none.
+    sessions_idle = max(0.0, per_session) * 500_000 / 60
     print(
         "\nRedis cost per event, measured: "
         f"{trigger_calls:.1f} commands per trigger (latency run), {join_calls / joins:.1f} per tab joining, "
         f"{storm_calls:.1f} per tab in the storm, {per_session:.3f} per idle session per minute.\n"
-        f"At 1 M tabs (500 k sessions) on 100 gateways: idle {gateways_idle + per_session * 500_000 / 60:.0f} commands/s; "
+        f"At 1 M tabs (500 k sessions) on 100 gateways: idle {gateways_idle + sessions_idle:.0f} commands/s; "
         f"each 1000 triggers/s add {trigger_calls * 1000:.0f} commands/s; a deploy re-joining every tab over 10 min adds "
         f"{join_calls / joins * 1_000_000 / 600:.0f} commands/s."
     )
