@@ -21,10 +21,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack
 from typing import Any
 
+from benchmarks import servers
 from benchmarks.arguments import positive
-from services.localservers import LocalRedis, free_port
+from services.localservers import free_port
 
 CONFIGS = [
     ("websockets-sansio", False),
@@ -115,12 +117,8 @@ def main() -> None:
     parser.add_argument("--connections", type=positive(int), default=2000)
     args = parser.parse_args()
     raise_fd_limit()
-    redis = None
-    redis_url = os.environ.get("REDIS_URL")
-    if not redis_url:
-        redis = LocalRedis().start()
-        redis_url = redis.url
-    try:
+    with ExitStack() as cleanup:
+        redis_url = servers.redis_url(cleanup)
         results = []
         for impl, deflate in CONFIGS:
             before, after = measure(impl, deflate, args.connections, redis_url)
@@ -135,9 +133,6 @@ def main() -> None:
             print(
                 f"{impl:<20} {('on' if deflate else 'off'):<8} {before:>8} KiB {after:>6} KiB {per:>9.1f} {per / baseline:>9.2f}x"
             )
-    finally:
-        if redis is not None:
-            redis.cleanup()
 
 
 if __name__ == "__main__":

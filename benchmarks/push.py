@@ -48,10 +48,9 @@ from typing import Any
 import asyncpg
 import redis
 
-from benchmarks import profiling
+from benchmarks import profiling, servers
 from benchmarks.arguments import positive
-from services.devstack import ensure_schema
-from services.localservers import LocalPostgres, LocalRedis, free_port
+from services.localservers import free_port
 
 SEQ = re.compile(r'"seq":(\d+)')
 MASS_RUNS = 3  # mass invalidations measured after a first one; the median is reported
@@ -732,17 +731,8 @@ def main() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with ExitStack() as cleanup:
-        redis_url = os.environ.get("REDIS_URL")
-        if not redis_url:
-            server = LocalRedis().start()
-            cleanup.callback(server.cleanup)
-            redis_url = server.url
-        database_url = os.environ.get("DATABASE_URL")
-        if not database_url:
-            postgres = LocalPostgres().start()
-            cleanup.callback(postgres.cleanup)
-            database_url = postgres.url
-        asyncio.run(ensure_schema(database_url))
+        redis_url = servers.redis_url(cleanup)
+        database_url = servers.database_url(cleanup)
         logs = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="portico-bench-")))
         report = asyncio.run(run(args, redis_url, database_url, logs))
         report.print()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,10 +25,10 @@ from typing import Any
 import asyncpg
 import redis
 
+from benchmarks import servers
 from benchmarks.arguments import positive
 from benchmarks.push import Service, metric, open_tabs, paced_triggers, trigger_all, wait_until
-from services.devstack import ensure_schema
-from services.localservers import LocalPostgres, LocalRedis
+from services.localservers import LocalRedis
 from services.localtopologies import LocalCluster, redis_version
 from shared.keys import SESSION_MESSAGES_CHANNEL
 
@@ -154,12 +153,7 @@ def main() -> None:
         print("redis-server older than 7 (no sharded pub/sub): no Cluster to measure")
         return
     with ExitStack() as cleanup:
-        database_url = os.environ.get("DATABASE_URL")
-        if not database_url:
-            postgres = LocalPostgres().start()
-            cleanup.callback(postgres.cleanup)
-            database_url = postgres.url
-        asyncio.run(ensure_schema(database_url))
+        database_url = servers.database_url(cleanup)
         asyncio.run(seed(database_url, args.sessions))
         logs = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="portico-bench-")))
         rows = asyncio.run(measure(args, "node", database_url, logs))

@@ -19,13 +19,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from benchmarks import servers
 from benchmarks.arguments import positive
 from benchmarks.push import cpu_seconds, rss_kib
-from services.localservers import LocalRedis, free_port
+from services.localservers import free_port
 from shared.envelopes import Event, encode
 from shared.keys import Keys
 
@@ -128,17 +130,10 @@ def main() -> None:
     parser.add_argument("--tabs", type=positive(int), default=1000)
     parser.add_argument("--frames", type=positive(int), default=20)
     args = parser.parse_args()
-    server = None
-    redis_url = os.environ.get("REDIS_URL")
-    if not redis_url:
-        server = LocalRedis().start()
-        redis_url = server.url
-    try:
+    with ExitStack() as cleanup:
+        redis_url = servers.redis_url(cleanup)
         raw = asyncio.run(measure("raw", args.tabs, args.frames, redis_url))
         sio = asyncio.run(measure("socketio", args.tabs, args.frames, redis_url))
-    finally:
-        if server is not None:
-            server.cleanup()
     print(
         f"one gateway process, {args.tabs} idle tabs, then {args.frames} pushed frames of {len(FRAME)} bytes each"
     )
