@@ -28,6 +28,7 @@ import asyncio
 import logging
 import ssl as ssl_module
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -78,7 +79,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
-        self._replies: list[asyncio.Future[Any]] = []  # one per command written, in order
+        self._replies: deque[asyncio.Future[Any]] = deque()  # one per command written, in order
         self.closed: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
         self.last_heard = time.monotonic()
 
@@ -144,7 +145,7 @@ class _Connection(asyncio.Protocol):
         """A command's reply, if one is awaited (else False: the caller's to handle)."""
         if not self._replies:
             return False
-        future = self._replies.pop(0)
+        future = self._replies.popleft()
         if not future.done():
             future.set_result(reply)
         return True

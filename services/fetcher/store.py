@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
 from services.fetcher.carts import CART_BATCH_QUERY, CART_QUERY, shape_application
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CartStoreError(Exception):
@@ -55,28 +56,26 @@ class _Connections:
         self._closing = False
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self._slots:
-            connection = await self._take()
-            try:
-                async with asyncio.timeout(self._timeout):
-                    rows: list[asyncpg.Record] = await connection.fetch(query, *args)
-            except BaseException:
-                connection.terminate()
-                raise
-            self._give(connection)
-            return rows
+        rows: list[asyncpg.Record] = await self._run(lambda connection: connection.fetch(query, *args))
+        return rows
 
     async def prepare(self, query: str) -> None:
         """Prepare without running (proves the tables and columns exist)."""
+        await self._run(lambda connection: connection.prepare(query))
+
+    async def _run(self, call: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`call` on a connection of its own, within the timeout; the connection is kept
+        afterwards, or closed at once if the call failed."""
         async with self._slots:
             connection = await self._take()
             try:
                 async with asyncio.timeout(self._timeout):
-                    await connection.prepare(query)
+                    result = await call(connection)
             except BaseException:
                 connection.terminate()
                 raise
             self._give(connection)
+            return result
 
     async def _take(self) -> asyncpg.Connection:
         while self._free:
