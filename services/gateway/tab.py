@@ -1,8 +1,9 @@
 """A tab: one browser connection to this gateway, and the link the core writes it through.
 
 The core (`gateway.py`, `writer.py`, `fanout.py`) knows a tab by this class only. Each
-transport brings its own `Link` (a raw WebSocket, a Socket.IO socket): three methods, as
-centrifuge's `Transport` has, so the core never asks which transport a tab uses.
+transport brings its own `Link` (a raw WebSocket, a Socket.IO socket): centrifuge's
+`Transport` has three methods, ours adds `try_write` (the fast path), and the core never asks
+which transport a tab uses.
 
 Words, as used across the gateway (and the README):
   tab           one browser connection to this gateway, on either transport
@@ -26,10 +27,9 @@ from .tab_protocol import TabProtocol
 
 
 class Link(Protocol):
-    """How the core writes to one tab. `write` may wait (a peer that reads slowly);
-    `try_write` never does; `close`
-    ends the connection in order (a close frame, or the end of the Engine.IO session); `abort`
-    drops it at once, for a peer that does not even take a close."""
+    """How the core writes to one tab. `write` may wait (a peer that reads slowly); `try_write`
+    never does; `close` ends the connection in order (a close frame, or the end of the Engine.IO
+    session); `abort` drops it at once, for a peer that does not even take a close."""
 
     transport: str  # "websocket" (raw) or "socketio": a metric label, never a branch
 

@@ -17,7 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from shared.protocol import CloseCode
 
 from .gateway import Gateway
-from .uvicorn_protocols import PROTOCOL_EXTENSION
+from .uvicorn_protocols import PROTOCOL_EXTENSION, abort_of
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ class WebSocketLink(WebSocket):
     def abort(self) -> None:
         """Drop the TCP connection now (`uvicorn_protocols.AbortableWebSocketProtocol`): a peer
         that does not read never takes a close frame."""
-        protocol = self.scope.get("extensions", {}).get(PROTOCOL_EXTENSION)
-        if protocol is not None:
-            protocol.abort()
+        abort = abort_of(self.scope)
+        if abort is not None:
+            abort()
 
 
 async def serve(gateway: Gateway, scope: Any, receive: Any, send: Any) -> None:
